@@ -1,0 +1,247 @@
+"""Typed run configuration: frozen dataclasses filled from a TOML recipe plus `--set key=value` overrides.
+
+A recipe holds only what differs from the defaults below. Every key is checked: an unknown section or
+key, a wrong type or a value outside its allowed set raises `ConfigError`, naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid. The message names the source, the key and what is allowed."""
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _at_least(default: float, minimum: float) -> Any:
+    return field(default=default, metadata={"min": minimum})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"  # run directory: config, metrics, checkpoints, best model, plots
+    seed: int = 0
+    keep_checkpoints: int = _at_least(2, 1)  # last K `checkpoints/epoch-NNNN` kept
+    log_with: tuple[str, ...] = ()  # Accelerate trackers, e.g. ["tensorboard"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = ""  # directory or http(s) URL holding manifest.json
+    num_workers: int = _at_least(2, 0)  # loader worker processes per rank
+    shuffle_buffer: int = _at_least(2000, 0)  # samples per worker shuffle buffer
+    cache: str = _choice("none", "none", "device")  # "device": whole split as uint8 on the device
+    cache_max_gb: float = _at_least(4.0, 0.0)  # device cache is used only when the split fits this
+    max_bad_samples: int = _at_least(0, 0)  # undecodable training samples tolerated (logged, skipped)
+    verify_checksums: bool = False  # sha256 every local shard against the manifest before training
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = True
+    rotation_degrees: float = _at_least(10.0, 0.0)  # uniform in [-d, +d]
+    hflip_prob: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    crop_scale: tuple[float, ...] = (1.0, 1.0)  # random-resized-crop area range; (1, 1) = off
+    brightness: float = _at_least(0.0, 0.0)  # multiplicative, uniform in [1-b, 1+b]
+    contrast: float = _at_least(0.0, 0.0)  # around the image mean, uniform in [1-c, 1+c]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet18"  # "seed_cnn" or any timm model name
+    pretrained: bool = False  # ImageNet weights: from pretrained_file if set, else the hub
+    pretrained_file: str = ""  # local .pth / .safetensors state dict (timm layout); head is replaced
+    in_chans: int = field(default=3, metadata={"choices": (1, 3)})
+    drop_rate: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _choice("adamw", "sgd", "adam", "adamw")
+    lr: float = field(default=1e-3, metadata={"min": 0.0, "exclusive_min": True})  # peak LR
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})  # SGD only
+    weight_decay: float = _at_least(0.0, 0.0)
+    schedule: str = _choice("constant", "constant", "cosine")  # cosine is stepped per optimizer step
+    warmup_epochs: float = _at_least(0.0, 0.0)  # linear warmup from 0, then the schedule
+    min_lr_ratio: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # cosine floor / lr
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _at_least(10, 1)
+    per_device_batch_size: int = _at_least(64, 1)  # images per rank per micro-step
+    grad_accum_steps: int = _at_least(1, 1)
+    mixed_precision: str = _choice("no", "no", "bf16", "fp16")
+    loss: str = _choice("cross_entropy", "cross_entropy", "nll")  # nll: log_softmax + NLLLoss (study)
+    label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    class_weights: bool = False  # inverse-frequency weights from the manifest's train counts
+    grad_clip_norm: float = _at_least(0.0, 0.0)  # 0 = off
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    ema_decay: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # 0 = no EMA
+    best_metric: str = _choice("macro_f1", "macro_f1", "accuracy", "balanced_accuracy", "loss")
+    patience: int = _at_least(0, 0)  # epochs without improvement before stopping; 0 = never
+    eval_batch_size: int = _at_least(0, 0)  # 0 = 2 x per_device_batch_size
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    timeout_s: int = _at_least(600, 1)  # collective timeout: a dead rank fails the job after this
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    dist: DistConfig = DistConfig()
+
+
+_SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = typing.get_type_hints(Config)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` (as parsed from TOML) against the field type `tp`; return the typed value."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, *_) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a {_type_name(tp)}, got {value!r}")
+        return tuple(_coerce(v, item_tp, where) for v in value)
+    if origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional fields yet
+        raise ConfigError(f"{where}: unsupported type {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def _check_bounds(value: Any, meta: typing.Mapping[str, Any], where: str) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{where}: {value!r} is not one of {allowed}")
+    if "min" in meta:
+        low_ok = value > meta["min"] if meta.get("exclusive_min") else value >= meta["min"]
+        if not low_ok:
+            op = ">" if meta.get("exclusive_min") else ">="
+            raise ConfigError(f"{where}: must be {op} {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{where}: must be <= {meta['max']}, got {value!r}")
+
+
+def _build_section(cls: type, values: dict[str, Any], source: str, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{source}: [{section}] {key}"
+        if key not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{section}.{key}'. Allowed in [{section}]: {allowed}")
+        typed = _coerce(value, hints[key], where)
+        _check_bounds(typed, fields[key].metadata, where)
+        kwargs[key] = typed
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value). The value is read as TOML, else taken as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=2")
+    dotted, raw = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=2")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings such as paths and "bf16" need no quotes on the command line
+    return parts[0], parts[1], value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build a `Config` from nested dicts (as TOML parses them). Raises `ConfigError`."""
+    sections = {}
+    for name, values in data.items():
+        if name not in _SECTIONS:
+            allowed = ", ".join(_SECTIONS)
+            raise ConfigError(f"{source}: unknown section [{name}]. Allowed sections: {allowed}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table of key = value lines, got {values!r}")
+        sections[name] = _build_section(_SECTION_TYPES[name], values, source, name)
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML recipe (or only defaults when `path` is None) and apply `--set` overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: recipe not found. See recipes/ for the shipped ones.") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table, cannot override {section}.{key}")
+        table[key] = value
+    return config_from_dict(data, source if not overrides else f"{source} (with --set overrides)")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) ready for TOML or JSON."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {
+        section: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, section)).items()}
+        for section in _SECTIONS
+    }
