@@ -1,0 +1,171 @@
+"""Files a run leaves behind: atomic writes, provenance, and the exported model (`best/`).
+
+Everything here writes to a temporary name in the target's own directory and renames it into place, so a
+crash or a full disk never leaves a half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import cxrdist
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+class ArtifactError(RuntimeError):
+    """A model directory or run directory is missing, incomplete or unwritable."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written `tmp_dir` to `final_dir`, replacing any previous one.
+
+    The old directory is renamed aside first and removed only after the new one is in place, so at every
+    instant either the old or the new complete directory exists under (or beside) the final name.
+    """
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(f".{final_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final_dir.exists():
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def git_commit() -> str:
+    """The commit of the cxrdist checkout in use, with "-dirty" for local changes; "unknown" if not git."""
+    here = Path(cxrdist.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def provenance() -> dict[str, str]:
+    return {
+        "cxrdist_version": cxrdist.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+    }
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a saved model needs to be used correctly: read from `meta.json` beside the weights."""
+
+    model_name: str
+    in_chans: int
+    classes: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    data: dict[str, Any]  # the whole meta.json
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], source: str) -> ModelMeta:
+        try:
+            return ModelMeta(
+                model_name=str(data["model"]["name"]),
+                in_chans=int(data["model"]["in_chans"]),
+                classes=tuple(data["classes"]),
+                image_size=int(data["image_size"]),
+                mean=tuple(float(v) for v in data["normalization"]["mean"]),
+                std=tuple(float(v) for v in data["normalization"]["std"]),
+                data=data,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{source}: not a cxrdist meta.json (missing or bad field {e})") from None
+
+
+def export_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: Path) -> None:
+    """Write `out_dir/model.safetensors` + `out_dir/meta.json` atomically as one directory."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        # safetensors wants contiguous, unshared tensors; channels_last weights are not contiguous.
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        with open(tmp / META_FILE, "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.write("\n")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def find_model_dir(run_or_model: str | Path) -> Path:
+    """A run directory (uses its `best/`) or a directory holding model.safetensors + meta.json."""
+    path = Path(run_or_model)
+    if path.is_file() and path.name == MODEL_FILE:
+        path = path.parent
+    for candidate in (path, path / "best"):
+        if (candidate / MODEL_FILE).is_file() and (candidate / META_FILE).is_file():
+            return candidate
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such run or model directory")
+    raise ArtifactError(
+        f"{path}: no {MODEL_FILE} + {META_FILE} here or in {path / 'best'}. Pass a run directory that "
+        "finished at least one epoch, or a directory holding both files."
+    )
+
+
+def load_model_files(model_dir: Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
+    model_dir = Path(model_dir)
+    with open(model_dir / META_FILE) as f:
+        try:
+            meta = ModelMeta.from_dict(json.load(f), str(model_dir / META_FILE))
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{model_dir / META_FILE}: not valid JSON ({e})") from None
+    try:
+        weights = load_file(str(model_dir / MODEL_FILE))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ArtifactError(f"{model_dir / MODEL_FILE}: cannot read weights ({e})") from None
+    return weights, meta

@@ -1,0 +1,651 @@
+"""Shards to batches: the manifest, the training and evaluation loaders, and the device cache.
+
+Data contract of every loader here (host side, before `to_device`):
+
+- images: ``torch.uint8`` ``(B, 1, H, W)``, gray levels 0..255 exactly as stored in the shard's PNG,
+  ``H = W = manifest.image_size``. No float on the host: conversion and normalisation happen once, on the
+  device, in `cxrdist.augment`.
+- labels: ``torch.int64`` ``(B,)``, ids into ``manifest.classes`` (``classes[i]`` has label ``i``).
+- keys (evaluation only): ``list[str]`` of the samples' WebDataset keys, unique within a dataset.
+
+Shards are read from local paths, ``http://`` / ``https://`` URLs (Python's urllib, no curl needed) or
+``pipe:`` shell commands whose stdout is the tar (``pipe:aws s3 cp s3://bucket/x/train-000000.tar -``).
+The manifest says which shards make up a split; `read_manifest` resolves their names against the place
+the manifest was read from, so a copy of the shard folder works the same on disk, over HTTP or in a bucket.
+
+Distribution is explicit (rank and world size are plain arguments; nothing here imports Accelerate):
+
+- `train_batches`: every rank and every worker resamples shards independently, with its own seed, and
+  the epoch is a fixed number of steps, the same on every rank, so no rank waits forever at a collective.
+- `eval_batches`: shards split by rank, then by worker; each sample is yielded exactly once in total.
+- `DeviceCache`: the whole split as one uint8 tensor on the training device, shuffled there.
+
+Do not pass these loaders to ``accelerator.prepare``: Accelerate would either read everything on rank 0
+and broadcast it (dispatch mode) or split the already split stream again and silently drop part of it
+(accelerate issue #3547). Move batches with `to_device` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from shard_tools.schema import FORMAT_VERSION, MANIFEST_NAME
+
+log = logging.getLogger(__name__)
+
+HTTP_TIMEOUT_S = 60  # per connect / read; a stalled server fails the run instead of hanging it
+HTTP_ATTEMPTS = 3  # opening a URL is retried on connection errors and 5xx, with 1 s, 2 s back-off
+
+
+class DataError(RuntimeError):
+    """Shards or manifest are missing, unreadable or do not match the format. The message names them."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening local files, URLs and pipe: commands
+
+
+def _is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def _is_pipe(url: str) -> bool:
+    return url.startswith("pipe:")
+
+
+class _PipeStream(io.RawIOBase):
+    """stdout of a ``pipe:`` shell command as a readable stream.
+
+    Reaching EOF checks the exit status, so a failed ``aws s3 cp`` is an error rather than a short shard.
+    Closing early (the training loader stops mid-shard at the end of an epoch) ends the command quietly.
+    Our own class rather than webdataset's `Pipe`, whose close raises on the SIGPIPE such an early stop
+    causes.
+    """
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+        # A session of its own, so that closing early can end the whole command, not only the shell.
+        self.proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, start_new_session=True)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.proc.stdout.readinto(buffer)
+        if n == 0 and self.proc.wait() != 0:
+            raise DataError(f"{self.url}: the command exited with status {self.proc.returncode}")
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.proc.stdout.close()
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait()
+        super().close()
+
+
+def _open_http(url: str) -> BinaryIO:
+    last: Exception | None = None
+    for attempt in range(HTTP_ATTEMPTS):
+        if attempt:
+            time.sleep(2 ** (attempt - 1))
+        try:
+            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+        except urllib.error.HTTPError as e:
+            if e.code < 500:  # 404, 403: retrying will not help
+                raise DataError(f"{url}: HTTP {e.code} {e.reason}") from None
+            last = e
+        except (urllib.error.URLError, OSError) as e:
+            last = e
+    raise DataError(f"{url}: cannot open after {HTTP_ATTEMPTS} attempts: {last}") from last
+
+
+def open_url(url: str) -> BinaryIO:
+    """Open a local path, ``file://``, ``http(s)://`` URL or ``pipe:`` command for binary reading."""
+    if _is_pipe(url):
+        return io.BufferedReader(_PipeStream(url), buffer_size=1 << 20)
+    if _is_http(url):
+        return _open_http(url)
+    path = urllib.parse.urlparse(url).path if url.startswith("file://") else url
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{url}: {e.strerror}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The manifest
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed ``manifest.json`` (see `shard_tools.schema`) and the place it was read from.
+
+    `source` is the manifest's own location: a local path, an http(s) URL or a ``pipe:`` command.
+    Shard names in the manifest are resolved against it.
+    """
+
+    source: str
+    classes: tuple[str, ...]
+    image_size: int
+    data: dict
+
+    def _split(self, split: str) -> dict:
+        splits = self.data["splits"]
+        if split not in splits:
+            raise DataError(f"{self.source}: no split '{split}'; the manifest has {', '.join(splits)}")
+        return splits[split]
+
+    def shard_urls(self, split: str) -> list[str]:
+        """The split's shards in manifest order: local paths, http(s) URLs or ``pipe:`` commands."""
+        return [_resolve(self.source, shard["file"]) for shard in self._split(split)["shards"]]
+
+    def count(self, split: str) -> int:
+        """Number of samples in the split."""
+        return int(self._split(split)["count"])
+
+    def class_counts(self, split: str) -> list[int]:
+        """Samples per class in the split, in label order."""
+        counts = self._split(split).get("class_counts", {})
+        return [int(counts.get(name, 0)) for name in self.classes]
+
+
+def _resolve(manifest_location: str, file: str) -> str:
+    """Where shard `file` (relative to the manifest) lives, in the manifest's own kind of location."""
+    if _is_http(manifest_location):
+        return urllib.parse.urljoin(manifest_location, file)
+    if _is_pipe(manifest_location):
+        # "pipe:aws s3 cp s3://b/x/manifest.json -" -> "pipe:aws s3 cp s3://b/x/train-000000.tar -"
+        head, _, tail = manifest_location.rpartition(MANIFEST_NAME)
+        return head + file + tail
+    return str(Path(manifest_location).parent / file)
+
+
+def _manifest_location(source: str) -> str:
+    source = source.strip()
+    if _is_pipe(source):
+        if MANIFEST_NAME not in source:
+            raise DataError(
+                f"{source}: a pipe: manifest command must name '{MANIFEST_NAME}', so that shard commands "
+                f"can be made by replacing it with each shard's name"
+            )
+        return source
+    if _is_http(source):
+        if urllib.parse.urlparse(source).path.endswith(".json"):
+            return source
+        return source.rstrip("/") + "/" + MANIFEST_NAME
+    if source.startswith("file://"):
+        source = urllib.parse.urlparse(source).path
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(
+            f"{source}: no {MANIFEST_NAME} found. Point data.shards at the folder made by "
+            "`python -m shard_tools.pack`, or at its manifest.json"
+        )
+    return str(path.resolve())
+
+
+def read_manifest(source: str) -> Manifest:
+    """Read and check a manifest.
+
+    `source`: a shard folder, a path to ``manifest.json``, an http(s) URL of either, or a ``pipe:``
+    command printing the manifest (``pipe:aws s3 cp s3://bucket/x/manifest.json -``).
+    Raises `DataError` naming the source when it is missing, not JSON or not format version 1.
+    """
+    location = _manifest_location(source)
+    try:
+        with open_url(location) as f:
+            raw = f.read()
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"{location}: cannot read the manifest: {e}") from e
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{location}: not a JSON manifest: {e}") from None
+    _check_manifest(data, location)
+    return Manifest(location, tuple(data["classes"]), int(data["image_size"]), data)
+
+
+def _check_manifest(data: Any, where: str) -> None:
+    def bad(what: str) -> DataError:
+        return DataError(f"{where}: {what}. Re-create the shards with `python -m shard_tools.pack`.")
+
+    if not isinstance(data, dict):
+        raise bad("the manifest is not a JSON object")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise bad(f"format_version is {data.get('format_version')!r}; this cxrdist reads {FORMAT_VERSION}")
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise bad("'classes' must be a non-empty list of names")
+    size = data.get("image_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise bad("'image_size' must be a positive integer")
+    splits = data.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise bad("'splits' must map split names to {count, class_counts, shards}")
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise bad(f"split '{name}' has no 'shards' list")
+        if not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in split["shards"]):
+            raise bad(f"split '{name}': every shard needs a 'file'")
+        count = split.get("count")
+        if not isinstance(count, int) or count < 0:
+            raise bad(f"split '{name}': 'count' must be a non-negative integer")
+        if all("count" in s for s in split["shards"]):
+            total = sum(int(s["count"]) for s in split["shards"])
+            if total != count:
+                raise bad(f"split '{name}': its shards hold {total} samples but 'count' says {count}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Samples: tar -> raw samples -> decoded (image, label, key) -> batches
+
+
+def _worker() -> tuple[int, int]:
+    """(worker id, number of workers) of the DataLoader worker running this, (0, 1) in the main process."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _seed(*parts: object) -> int:
+    """A 64-bit seed from its parts, identical in every process (unlike `hash`, which is salted)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _raw_samples(urls: Iterable[str]) -> Iterator[dict]:
+    """WebDataset samples ``{"__key__", "__url__", "png": bytes, "cls": bytes, ...}`` of each shard in turn."""
+    for url in urls:
+        stream = open_url(url)
+        try:
+            yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        except (DataError, tarfile.TarError, OSError, ValueError) as e:
+            raise DataError(f"shard {url}: cannot read it: {e}") from e
+        finally:
+            stream.close()
+
+
+def _decode(sample: dict, image_size: int, num_classes: int) -> tuple[torch.Tensor, int, str]:
+    """One raw sample -> (uint8 (1, H, W), label id, key). Raises ValueError saying what is wrong."""
+    if "png" not in sample or "cls" not in sample:
+        members = sorted(k for k in sample if not k.startswith("__"))
+        raise ValueError(f"expected .png and .cls members, found {members}")
+    with Image.open(io.BytesIO(sample["png"])) as im:
+        if im.mode != "L":
+            raise ValueError(f"expected an 8-bit grayscale (L) PNG, got mode {im.mode}")
+        pixels = np.array(im)  # a writable copy, (H, W) uint8
+    if pixels.shape != (image_size, image_size):
+        raise ValueError(f"image is {pixels.shape[1]}x{pixels.shape[0]} px, the manifest says {image_size}")
+    label = int(sample["cls"].decode("ascii").strip())
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} is outside 0..{num_classes - 1}")
+    return torch.from_numpy(pixels).unsqueeze(0), label, sample["__key__"]
+
+
+def _decoded(
+    samples: Iterable[dict], image_size: int, num_classes: int, max_bad: int
+) -> Iterator[tuple[torch.Tensor, int, str]]:
+    """Decode samples, skipping and logging up to `max_bad` distinct undecodable ones (per worker).
+
+    The limit counts distinct (shard, key) pairs seen by this worker: a resampled bad sample drawn twice
+    counts once, so a dataset with at most `max_bad` bad samples never fails, whatever the worker count.
+    """
+    bad: set[tuple[str, str]] = set()
+    for sample in samples:
+        try:
+            item = _decode(sample, image_size, num_classes)
+        except Exception as e:
+            key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+            if (url, key) not in bad:
+                bad.add((url, key))
+                log.warning("skipping undecodable sample %s in shard %s: %s", key, url, e)
+            if len(bad) > max_bad:
+                raise DataError(
+                    f"sample '{key}' in shard {url} cannot be decoded: {e}. That makes {len(bad)} bad "
+                    f"sample(s), more than data.max_bad_samples={max_bad}. Check the shards with "
+                    "`python -m shard_tools.verify`, or raise data.max_bad_samples to skip them."
+                ) from e
+            continue
+        yield item
+
+
+def _batches(
+    items: Iterable[tuple[torch.Tensor, int, str]], batch_size: int, partial: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Collate in the worker: (uint8 (B, 1, H, W), int64 (B,), keys)."""
+    it = iter(items)
+    while True:
+        chunk = list(islice(it, batch_size))
+        if not chunk or (len(chunk) < batch_size and not partial):
+            return
+        images, labels, keys = zip(*chunk)
+        yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys)
+        if len(chunk) < batch_size:
+            return
+
+
+def _weighted_resampled_urls(urls: Sequence[str], weights: Sequence[int], rng: random.Random) -> Iterator[str]:
+    """Shards drawn with replacement, forever, with probability proportional to their sample counts.
+
+    This is webdataset's ``resampled=True`` (`wds.ResampledShards`) with two changes: the seed is ours,
+    so runs are reproducible, and unequal shards are weighted, so a short last shard is not over-sampled.
+    """
+    while True:
+        yield rng.choices(urls, weights=weights)[0]
+
+
+class _TrainStream(IterableDataset):
+    """One rank's training batches. Runs inside each DataLoader worker (or the main process)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        weights: list[int],
+        *,
+        image_size: int,
+        num_classes: int,
+        batch_size: int,
+        steps: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        shuffle_buffer: int,
+        max_bad_samples: int,
+    ):
+        super().__init__()
+        self.urls, self.weights = list(urls), list(weights)
+        self.image_size, self.num_classes = image_size, num_classes
+        self.batch_size, self.steps = batch_size, steps
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.shuffle_buffer, self.max_bad_samples = shuffle_buffer, max_bad_samples
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker, num_workers = _worker()
+        # Worker w makes steps // W batches, plus one for the first steps % W workers: exactly `steps` in
+        # total, delivered round-robin by the DataLoader in a fixed order.
+        my_steps = self.steps // num_workers + (worker < self.steps % num_workers)
+        if my_steps == 0:
+            return
+        ident = (self.seed, self.epoch, self.rank, worker)
+        urls = _weighted_resampled_urls(self.urls, self.weights, random.Random(_seed("shards", *ident)))
+        samples = _raw_samples(urls)
+        if self.shuffle_buffer > 0:
+            # Shuffle the raw bytes, not decoded pixels: the buffer stays small and decoding is lazy.
+            initial = min(self.shuffle_buffer, 100)
+            rng = random.Random(_seed("buffer", *ident))
+            samples = wds.shuffle(self.shuffle_buffer, initial=initial, rng=rng)(samples)
+        items = _decoded(samples, self.image_size, self.num_classes, self.max_bad_samples)
+        for images, labels, _keys in islice(_batches(items, self.batch_size, partial=False), my_steps):
+            yield images, labels
+
+
+class _EvalStream(IterableDataset):
+    """One rank's evaluation batches over its own shards, split again across workers."""
+
+    def __init__(
+        self, urls: list[str], *, image_size: int, num_classes: int, batch_size: int, max_bad_samples: int
+    ):
+        super().__init__()
+        self.urls = list(urls)
+        self.image_size, self.num_classes = image_size, num_classes
+        self.batch_size, self.max_bad_samples = batch_size, max_bad_samples
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        worker, num_workers = _worker()
+        samples = _raw_samples(self.urls[worker::num_workers])
+        items = _decoded(samples, self.image_size, self.num_classes, self.max_bad_samples)
+        yield from _batches(items, self.batch_size, partial=True)
+
+
+def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None) -> DataLoader:
+    # batch_size=None: the workers already yield whole batches.
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Public loaders
+
+
+def steps_per_epoch(count: int, global_batch_size: int) -> int:
+    """Optimizer-independent steps per epoch: ``ceil(count / global_batch_size)``, the same on every rank."""
+    if global_batch_size <= 0 or count < 0:
+        raise ValueError(f"need count >= 0 and global_batch_size > 0, got {count}, {global_batch_size}")
+    return math.ceil(count / global_batch_size)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
+
+
+def train_batches(
+    manifest: Manifest,
+    *,
+    batch_size: int,
+    steps: int,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    shuffle_buffer: int,
+    max_bad_samples: int = 0,
+    split: str = "train",
+    pin_memory: bool | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Exactly `steps` full batches of (uint8 (B, 1, H, W), int64 (B,)) for this rank, B = `batch_size`.
+
+    Each worker of each rank draws shards with replacement (weighted by their sample counts) and shuffles
+    samples through a buffer of `shuffle_buffer` raw samples; both are seeded from (seed, epoch, rank,
+    worker), so the batches are a function of those plus the worker count and buffer size. `steps` is
+    normally `steps_per_epoch(manifest.count("train"), batch_size * world_size)`: identical on every
+    rank, whatever the shard sizes. Up to `max_bad_samples` distinct undecodable samples per worker are
+    logged and skipped; one more raises `DataError`. `pin_memory=None` pins when CUDA is available.
+    """
+    _check_rank(rank, world_size)
+    if batch_size < 1 or steps < 0:
+        raise ValueError(f"need batch_size >= 1 and steps >= 0, got {batch_size}, {steps}")
+    if steps == 0:
+        return
+    urls = manifest.shard_urls(split)
+    if not urls or manifest.count(split) == 0:
+        raise DataError(f"{manifest.source}: split '{split}' has no samples to train on")
+    shards = manifest.data["splits"][split]["shards"]
+    # Without per-shard counts (hand-written manifests) fall back to webdataset's uniform resampling.
+    weights = [int(s.get("count", 1)) for s in shards]
+    dataset = _TrainStream(
+        urls,
+        weights,
+        image_size=manifest.image_size,
+        num_classes=len(manifest.classes),
+        batch_size=batch_size,
+        steps=steps,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        shuffle_buffer=shuffle_buffer,
+        max_bad_samples=max_bad_samples,
+    )
+    n = 0
+    for batch in _loader(dataset, min(num_workers, steps), pin_memory):
+        yield batch
+        n += 1
+    if n != steps:  # cannot happen unless a worker died quietly; a short epoch would hang the other ranks
+        raise DataError(f"rank {rank}: the training loader made {n} batches instead of {steps}")
+
+
+def eval_batches(
+    manifest: Manifest,
+    split: str,
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    max_bad_samples: int = 0,
+    pin_memory: bool | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """This rank's share of `split` as (uint8 (B, 1, H, W), int64 (B,), keys), B <= `batch_size`.
+
+    Shards go to ranks as ``shards[rank::world_size]``, then to workers as ``mine[worker::workers]``: no
+    resampling, no padding, so over all ranks and workers each sample is yielded exactly once. A rank
+    with no shard (more ranks than shards) yields nothing; it must still join the metric reductions.
+    Any undecodable sample raises `DataError` unless `max_bad_samples` allows skipping it (then the
+    evaluation is no longer complete, and the count check in `cxrdist.evaluate` says so).
+    """
+    _check_rank(rank, world_size)
+    if batch_size < 1:
+        raise ValueError(f"need batch_size >= 1, got {batch_size}")
+    mine = manifest.shard_urls(split)[rank::world_size]
+    if not mine:
+        return
+    dataset = _EvalStream(
+        mine,
+        image_size=manifest.image_size,
+        num_classes=len(manifest.classes),
+        batch_size=batch_size,
+        max_bad_samples=max_bad_samples,
+    )
+    # A worker without a shard would only cost a process start.
+    yield from _loader(dataset, min(num_workers, len(mine)), pin_memory)
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """Tensors in `batch` (a tensor, or a tuple / list nesting them) moved with non-blocking copies.
+
+    Anything else (the keys of an evaluation batch) is returned as it is.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in batch):
+        return type(batch)(to_device(x, device) for x in batch)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Device cache
+
+
+class DeviceCache:
+    """A whole split as uint8 ``(N, 1, H, W)`` images and int64 ``(N,)`` labels on the training device.
+
+    Read once through `eval_batches` (every sample exactly once), ordered by key so the content does
+    not depend on the worker count. Batches are then index gathers on the device, as in airbench.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, keys: list[str]):
+        self.images = images  # uint8 (N, 1, H, W) on the device
+        self.labels = labels  # int64 (N,) on the device
+        self.keys = keys  # WebDataset keys, row order
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @staticmethod
+    def bytes_needed(manifest: Manifest, split: str) -> int:
+        """Device memory the split takes in the cache: pixels plus int64 labels."""
+        return manifest.count(split) * (manifest.image_size**2 + 8)
+
+    @staticmethod
+    def load(
+        manifest: Manifest, split: str, device: torch.device | str, max_bytes: int, num_workers: int = 0
+    ) -> DeviceCache | None:
+        """The cached split, or None (with the reason logged) when it needs more than `max_bytes`."""
+        needed = DeviceCache.bytes_needed(manifest, split)
+        if needed > max_bytes:
+            log.warning(
+                "device cache off: split '%s' needs %.2f GB, more than data.cache_max_gb = %.2f GB; "
+                "streaming from the shards instead",
+                split,
+                needed / 1e9,
+                max_bytes / 1e9,
+            )
+            return None
+        n, size = manifest.count(split), manifest.image_size
+        images = torch.empty((n, 1, size, size), dtype=torch.uint8)
+        labels = torch.empty((n,), dtype=torch.int64)
+        keys: list[str] = []
+        for batch_images, batch_labels, batch_keys in eval_batches(
+            manifest, split, batch_size=256, rank=0, world_size=1, num_workers=num_workers, pin_memory=False
+        ):
+            i, j = len(keys), len(keys) + len(batch_keys)
+            if j > n:
+                raise DataError(f"{manifest.source}: split '{split}' holds more samples than its count {n}")
+            images[i:j], labels[i:j] = batch_images, batch_labels
+            keys.extend(batch_keys)
+        if len(keys) != n:
+            raise DataError(f"{manifest.source}: split '{split}' holds {len(keys)} samples, its count is {n}")
+        order = sorted(range(n), key=keys.__getitem__)
+        index = torch.tensor(order, dtype=torch.int64)
+        return DeviceCache(
+            images[index].to(device), labels[index].to(device), [keys[i] for i in order]
+        )
+
+    def train_batches(
+        self, *, batch_size: int, steps: int, epoch: int, seed: int, rank: int, world_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Exactly `steps` full batches of (uint8 (B, 1, H, W), int64 (B,)), already on the device.
+
+        All ranks draw the same (seed, epoch) permutations; global step i is the next ``B * world_size``
+        indices and rank r takes its r-th slice of them, so ranks are disjoint within a permutation and
+        the samples seen do not depend on the world size at a fixed global batch. When the epoch needs
+        more than N samples it continues into a fresh permutation, like the streaming loader's random
+        draws.
+        """
+        _check_rank(rank, world_size)
+        n = len(self)
+        if n == 0 and steps > 0:
+            raise DataError("the device cache is empty")
+        device = self.images.device
+        total = steps * batch_size * world_size
+        perms = []
+        for j in range(math.ceil(total / n) if n else 0):
+            g = torch.Generator(device=device)
+            g.manual_seed(_seed("cache", seed, epoch, j) % (2**63))
+            perms.append(torch.randperm(n, generator=g, device=device))
+        order = torch.cat(perms) if perms else torch.zeros(0, dtype=torch.int64, device=device)
+        for step in range(steps):
+            start = (step * world_size + rank) * batch_size
+            index = order[start : start + batch_size]
+            yield self.images.index_select(0, index), self.labels.index_select(0, index)

@@ -1,0 +1,593 @@
+"""Train a chest X-ray classifier on WebDataset shards, on one CPU or many GPUs, through Accelerate.
+
+    accelerate launch -m cxrdist.train recipes/resnet18_pretrained.toml --set train.epochs=5
+    python -m cxrdist.train recipes/demo.toml            # one process, no launcher needed
+    accelerate launch -m cxrdist.train RECIPE --resume   # continue from the run's latest checkpoint
+
+Data path per step: uint8 batch from the shards (or the device cache) -> device -> augment + normalise on
+the device -> model under autocast -> loss. Only this module and the CLIs touch Accelerate's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cxrdist.artifacts import atomic_write_json, atomic_write_text, export_model, provenance, replace_dir
+from cxrdist.augment import normalize_stats, train_transform
+from cxrdist.config import Config, ConfigError, OptimConfig, TrainConfig, config_to_dict, load_config
+from cxrdist.data import DataError, DeviceCache, Manifest, read_manifest, steps_per_epoch, to_device
+from cxrdist.data import train_batches as stream_train_batches
+from cxrdist.evaluate import EvalError, EvalSettings, evaluate_split
+from cxrdist.models import ModelError, check_input_size, create_model
+
+CHECKPOINTS = "checkpoints"
+LOWER_IS_BETTER = {"loss"}
+
+
+class TrainError(RuntimeError):
+    """The run cannot start or continue; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from 0, then constant or cosine."""
+    if step < warmup_steps:
+        return cfg.lr * (step + 1) / warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, epoch, rank, stream): stable across runs and Python versions."""
+    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def class_weights(class_counts: list[int]) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over present classes; 0 for a class with no training image."""
+    counts = torch.tensor(class_counts, dtype=torch.float32)
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = counts[present].sum() / (present.sum() * counts[present])
+    return weights
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, weight: torch.Tensor | None):
+    if cfg.loss == "nll":  # the study: log_softmax output + NLLLoss (the same function as cross-entropy)
+        return F.nll_loss(F.log_softmax(logits.float(), dim=1), labels, weight=weight)
+    return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+class TrainState:
+    """Loop position and early-stopping bookkeeping; saved in every checkpoint."""
+
+    def __init__(self) -> None:
+        self.epochs_done = 0
+        self.optimizer_steps = 0
+        self.best_value: float | None = None
+        self.best_epoch = 0
+        self.bad_epochs = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+        if e.dtype.is_floating_point:
+            e.lerp_(m.detach().to(e.dtype), 1.0 - decay)
+        else:
+            e.copy_(m)
+
+
+def improved(value: float, best: float | None, metric: str) -> bool:
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / CHECKPOINTS).glob("epoch-[0-9][0-9][0-9][0-9]"))
+    return found[-1] if found else None
+
+
+def read_metrics_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------ run setup
+
+
+@dataclass
+class Run:
+    """Everything the epoch loop needs, built once by `setup`."""
+
+    cfg: Config
+    accelerator: Any
+    manifest: Manifest
+    model: torch.nn.Module  # prepared (DDP / compiled) module used for training
+    raw_model: torch.nn.Module  # the plain module: evaluation and export
+    ema: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    weight: torch.Tensor | None
+    cache: DeviceCache | None
+    run_dir: Path
+    steps: int  # micro-batches per epoch per rank
+    total_optimizer_steps: int
+    warmup_steps: int
+
+
+def all_ranks_ok(accelerator, ok: bool) -> bool:
+    """True only if `ok` holds on every rank, so that all ranks fail together instead of hanging."""
+    flag = torch.tensor([1 if ok else 0], device=accelerator.device)
+    return bool(accelerator.gather(flag).min().item() == 1)
+
+
+def check_run_dir(accelerator, run_dir: Path, resume: bool) -> None:
+    """Fail early, on every rank together, if the run directory is unusable for this start."""
+    problem = ""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{accelerator.process_index}"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as e:
+        problem = f"run.dir {run_dir} is not writable ({e.strerror}). Choose another run.dir or free space."
+    if not problem:
+        has_ckpt = latest_checkpoint(run_dir) is not None
+        if resume and not has_ckpt:
+            problem = f"--resume: no checkpoint under {run_dir / CHECKPOINTS}. Start without --resume."
+        elif not resume and has_ckpt:
+            problem = (
+                f"run.dir {run_dir} already holds checkpoints of an earlier run. Pass --resume to continue "
+                "it, or set another run.dir (--set run.dir=...)."
+            )
+    if not all_ranks_ok(accelerator, not problem):
+        raise TrainError(problem or f"another rank could not use run.dir {run_dir}; see its message")
+
+
+def write_run_header(run: Run) -> None:
+    """config.toml (resolved, loadable as a recipe) and the manifest it trains on. Main process only."""
+    import tomli_w
+
+    prov = provenance()
+    header = "".join(f"# {k}: {v}\n" for k, v in prov.items())
+    header += f"# world_size: {run.accelerator.num_processes}\n"
+    atomic_write_text(run.run_dir / "config.toml", header + tomli_w.dumps(config_to_dict(run.cfg)))
+    atomic_write_json(run.run_dir / "manifest.json", run.manifest.data)
+
+
+def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+    check_trackers(cfg.run.log_with)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        log_with=list(cfg.run.log_with) or None,
+        project_dir=cfg.run.dir,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))],
+    )
+    device = accelerator.device
+    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
+        raise TrainError("train.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this device")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs: same accuracy, ~2x faster
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune once
+
+    run_dir = Path(cfg.run.dir)
+    check_run_dir(accelerator, run_dir, resume)
+    if not cfg.data.shards:
+        raise TrainError("data.shards is empty: set it in the recipe or with --set data.shards=DIR_OR_URL")
+    manifest = read_manifest(cfg.data.shards)
+    check_input_size(cfg.model.name, manifest.image_size)
+
+    set_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    raw_model = create_model(cfg.model, num_classes=len(manifest.classes))
+    if cfg.train.channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    raw_model.to(device)
+    ema = copy.deepcopy(raw_model).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
+    optimizer = build_optimizer(raw_model, cfg.optim)
+    model = torch.compile(raw_model) if cfg.train.compile else raw_model
+    # The WebDataset loader is deliberately NOT prepared: Accelerate would re-shard or broadcast it.
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    world = accelerator.num_processes
+    train_count = manifest.count("train")
+    steps = steps_per_epoch(train_count, cfg.train.per_device_batch_size * world)
+    steps = math.ceil(steps / cfg.train.grad_accum_steps) * cfg.train.grad_accum_steps
+    opt_steps_per_epoch = steps // cfg.train.grad_accum_steps
+    warmup_steps = round(cfg.optim.warmup_epochs * opt_steps_per_epoch)
+
+    weight = None
+    if cfg.train.class_weights:
+        weight = class_weights(manifest.class_counts("train")).to(device)
+
+    cache = None
+    if cfg.data.cache == "device":
+        cache = DeviceCache.load(
+            manifest, "train", device, int(cfg.data.cache_max_gb * 2**30), num_workers=cfg.data.num_workers
+        )
+        if cache is None:
+            accelerator.print(
+                f"data.cache = 'device': the train split does not fit data.cache_max_gb = "
+                f"{cfg.data.cache_max_gb}; streaming from the shards instead."
+            )
+
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    run = Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        manifest=manifest,
+        model=model,
+        raw_model=raw_model,
+        ema=ema,
+        optimizer=optimizer,
+        weight=weight,
+        cache=cache,
+        run_dir=run_dir,
+        steps=steps,
+        total_optimizer_steps=opt_steps_per_epoch * cfg.train.epochs,
+        warmup_steps=warmup_steps,
+    )
+    if accelerator.is_main_process and not resume:
+        write_run_header(run)
+    if cfg.run.log_with:
+        accelerator.init_trackers("cxrdist", config=_flat(config_to_dict(cfg)))
+    return run, state
+
+
+def check_trackers(log_with: tuple[str, ...]) -> None:
+    from accelerate.utils import is_tensorboard_available
+
+    if "tensorboard" in log_with and not is_tensorboard_available():
+        raise TrainError(
+            "run.log_with includes 'tensorboard' but it is not installed: pip install 'cxrdist[tensorboard]' "
+            "or remove it from run.log_with"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = str(v) if isinstance(v, list) else v
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Progress) -> dict[str, float]:
+    """One epoch of exactly `run.steps` micro-batches on every rank. Returns mean loss and images/s."""
+    cfg, acc = run.cfg, run.accelerator
+    rank, world, device = acc.process_index, acc.num_processes, acc.device
+    run.model.train()
+    # Everything random in an epoch is a function of (seed, epoch, rank): resuming replays it exactly.
+    torch.manual_seed(derive_seed(cfg.run.seed, epoch, rank, 0))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(cfg.run.seed, epoch, rank, 1))
+    if run.cache is not None:
+        batches = run.cache.train_batches(
+            batch_size=cfg.train.per_device_batch_size,
+            steps=run.steps,
+            epoch=epoch,
+            seed=cfg.run.seed,
+            rank=rank,
+            world_size=world,
+        )
+    else:
+        batches = stream_train_batches(
+            run.manifest,
+            batch_size=cfg.train.per_device_batch_size,
+            steps=run.steps,
+            epoch=epoch,
+            seed=cfg.run.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            max_bad_samples=cfg.data.max_bad_samples,
+        )
+    in_chans = cfg.model.in_chans
+    task = progress.add_task(f"epoch {epoch}/{cfg.train.epochs}", total=run.steps, info="")
+    loss_sum = torch.zeros((), device=device)
+    start = time.perf_counter()
+    i = -1
+    for i, batch in enumerate(batches):
+        images, labels = to_device(batch, device)
+        with acc.accumulate(run.model):
+            x = train_transform(images, cfg.augment, gen, in_chans, cfg.train.channels_last)
+            loss = loss_fn(run.model(x), labels, cfg.train, run.weight)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                lr = lr_at(state.optimizer_steps, run.total_optimizer_steps, run.warmup_steps, cfg.optim)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                max_norm = cfg.train.grad_clip_norm or float("inf")
+                grad_norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
+                # Gradients are already all-reduced, so every rank sees the same norm and stops together.
+                # (fp16's grad scaler skips overflowing steps by itself.)
+                if cfg.train.mixed_precision != "fp16" and not torch.isfinite(grad_norm).item():
+                    raise TrainError(
+                        f"non-finite loss or gradient at epoch {epoch}, optimizer step {state.optimizer_steps} "
+                        f"(loss on this rank: {loss.item():.4g}). Last good checkpoint kept in "
+                        f"{run.run_dir / CHECKPOINTS}; lower optim.lr or set train.grad_clip_norm."
+                    )
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients:
+            state.optimizer_steps += 1
+            if run.ema is not None:
+                ema_update(run.ema, run.raw_model, cfg.train.ema_decay)
+        loss_sum += loss.detach()
+        if i % 10 == 0 or i == run.steps - 1:  # .item() syncs with the GPU: not every step
+            rate = (i + 1) * images.shape[0] * world / (time.perf_counter() - start)
+            progress.update(task, completed=i + 1, info=f"loss {loss.item():.4f}  {rate:,.0f} img/s")
+        else:
+            progress.update(task, completed=i + 1)
+    if i + 1 != run.steps:  # too few batches would leave the other ranks waiting at a collective
+        raise DataError(f"training loader yielded {i + 1} batches, expected {run.steps}")
+    seconds = time.perf_counter() - start
+    progress.remove_task(task)
+    mean_loss = acc.reduce(loss_sum, reduction="mean").item() / run.steps
+    images_seen = run.steps * cfg.train.per_device_batch_size * world
+    return {"train_loss": mean_loss, "images_per_s": images_seen / seconds, "epoch_seconds": seconds}
+
+
+def eval_settings(run: Run) -> EvalSettings:
+    cfg = run.cfg
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    return EvalSettings(
+        device=run.accelerator.device,
+        batch_size=cfg.train.eval_batch_size or 2 * cfg.train.per_device_batch_size,
+        num_workers=cfg.data.num_workers,
+        in_chans=cfg.model.in_chans,
+        channels_last=cfg.train.channels_last,
+        autocast_dtype=dtype,
+    )
+
+
+def model_meta(run: Run, epoch: int, val_metrics: dict) -> dict:
+    mean, std = normalize_stats(run.cfg.model.in_chans)
+    return {
+        "model": {"name": run.cfg.model.name, "in_chans": run.cfg.model.in_chans},
+        "classes": list(run.manifest.classes),
+        "image_size": run.manifest.image_size,
+        "normalization": {"mean": list(mean), "std": list(std), "input": "uint8 gray / 255"},
+        "epoch": epoch,
+        "ema": run.ema is not None,
+        "best_metric": run.cfg.train.best_metric,
+        "val_metrics": val_metrics,
+        "provenance": provenance(),
+    }
+
+
+def save_checkpoint(run: Run, epoch: int) -> None:
+    """Accelerate `save_state` into a temporary directory on every rank, then rename it into place."""
+    acc = run.accelerator
+    ckpt_root = run.run_dir / CHECKPOINTS
+    final = ckpt_root / f"epoch-{epoch:04d}"
+    tmp = ckpt_root / f".epoch-{epoch:04d}.tmp"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        replace_dir(tmp, final)
+        for old in sorted(ckpt_root.glob("epoch-[0-9][0-9][0-9][0-9]"))[: -run.cfg.run.keep_checkpoints]:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+
+
+def eval_model(run: Run) -> torch.nn.Module:
+    return run.ema if run.ema is not None else run.raw_model
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Run a whole recipe. Returns the run directory."""
+    run, state = setup(cfg, resume)
+    acc = run.accelerator
+    metrics_path = run.run_dir / "metrics.jsonl"
+    best_dir = run.run_dir / "best"
+    best_state: dict[str, torch.Tensor] | None = None
+    if resume:
+        ckpt = latest_checkpoint(run.run_dir)
+        acc.load_state(str(ckpt))
+        acc.print(f"resumed from {ckpt} (epoch {state.epochs_done} done)")
+        if acc.is_main_process:  # drop rows of epochs after the checkpoint: they will be redone
+            rows = [r for r in read_metrics_rows(metrics_path) if r["epoch"] <= state.epochs_done]
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        if state.best_epoch:
+            from safetensors.torch import load_file
+
+            if not (best_dir / "model.safetensors").exists():
+                raise TrainError(f"--resume: {best_dir} is missing; every rank must see the run directory")
+            best_state = load_file(str(best_dir / "model.safetensors"))
+
+    acc.print(
+        f"cxrdist: {cfg.model.name} on {acc.num_processes} process(es), device {acc.device}, "
+        f"{run.manifest.count('train')} train images, {run.steps} steps/epoch of "
+        f"{cfg.train.per_device_batch_size} per device, mixed precision {cfg.train.mixed_precision}, "
+        f"input {'device cache' if run.cache is not None else 'streaming'}"
+    )
+    console = Console()
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not acc.is_main_process,
+    )
+    metric_name = cfg.train.best_metric
+    with progress:
+        for epoch in range(state.epochs_done + 1, cfg.train.epochs + 1):
+            stats = train_one_epoch(run, state, epoch, progress)
+            val = evaluate_split(
+                eval_model(run),
+                run.manifest,
+                "val",
+                eval_settings(run),
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+            )
+            state.epochs_done = epoch
+            is_best = improved(val[metric_name], state.best_value, metric_name)
+            if is_best:
+                state.best_value, state.best_epoch, state.bad_epochs = val[metric_name], epoch, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in eval_model(run).state_dict().items()}
+                if acc.is_main_process:
+                    export_model(best_state, model_meta(run, epoch, val), best_dir)
+            else:
+                state.bad_epochs += 1
+            lr = run.optimizer.param_groups[0]["lr"]
+            row = {"epoch": epoch, **stats, "lr": lr, "val": val, "best": is_best}
+            save_checkpoint(run, epoch)
+            if acc.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            acc.log(
+                {"train/loss": stats["train_loss"], "lr": lr, "images_per_s": stats["images_per_s"]}
+                | {f"val/{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")},
+                step=epoch,
+            )
+            acc.print(
+                f"epoch {epoch:3d}/{cfg.train.epochs}  train_loss {stats['train_loss']:.4f}  "
+                f"val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.4f}  val_macro_f1 "
+                f"{val['macro_f1']:.4f}  {stats['images_per_s']:,.0f} img/s{'  *best*' if is_best else ''}"
+            )
+            if cfg.train.patience and state.bad_epochs >= cfg.train.patience:
+                acc.print(f"early stop: no {metric_name} improvement for {state.bad_epochs} epochs")
+                break
+
+    # Test the best weights, identically on every rank.
+    if best_state is not None:
+        eval_model(run).load_state_dict(best_state)
+    test = evaluate_split(
+        eval_model(run),
+        run.manifest,
+        "test",
+        eval_settings(run),
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
+    if acc.is_main_process:
+        finish_outputs(run, state, test)
+    acc.end_training()
+    return run.run_dir
+
+
+def finish_outputs(run: Run, state: TrainState, test: dict) -> None:
+    """test_metrics.json and plots; print the result table. Main process only."""
+    from cxrdist.plots import plot_confusion, plot_curves
+    from cxrdist.report import print_metrics_table
+
+    out = {**test, "best_epoch": state.best_epoch, "split": "test", "provenance": provenance()}
+    atomic_write_json(run.run_dir / "test_metrics.json", out)
+    cm_png = plot_confusion(
+        test["confusion_matrix"], run.manifest.classes, run.run_dir / "confusion_test.png",
+        title=f"test, best epoch {state.best_epoch}",
+    )
+    curves_png = plot_curves(read_metrics_rows(run.run_dir / "metrics.jsonl"), run.run_dir / "curves.png")
+    console = Console()
+    print_metrics_table(test, run.manifest.classes, console, title=f"test split (best epoch {state.best_epoch})")
+    if cm_png is None:
+        console.print("plots skipped: install matplotlib (pip install 'cxrdist[plots]') for PNG plots")
+    console.print(f"run directory: {run.run_dir}")
+    for p in (cm_png, curves_png):
+        if p is not None:
+            console.print(f"  {p}")
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cxrdist.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", help="TOML recipe, e.g. recipes/demo.toml")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one recipe value, e.g. --set train.epochs=2 (repeatable)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.dir")
+    return p.parse_args(argv)
+
+
+def _is_main_launch_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    err = Console(stderr=True)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        if _is_main_launch_process():
+            err.print(f"[red]config error:[/red] {e}", highlight=False)
+        return 2
+    try:
+        train(cfg, resume=args.resume)
+    except (TrainError, DataError, ModelError, EvalError) as e:
+        prefix = f"[rank {os.environ.get('RANK', '0')}] " if "WORLD_SIZE" in os.environ else ""
+        err.print(f"[red]{prefix}error:[/red] {e}", highlight=False)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
