@@ -36,12 +36,11 @@ import os
 import random
 import signal
 import subprocess
-import tarfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -91,7 +90,9 @@ class _PipeStream(io.RawIOBase):
         super().__init__()
         self.url = url
         # A session of its own, so that closing early can end the whole command, not only the shell.
-        self.proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(
+            url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, start_new_session=True
+        )
 
     def readable(self) -> bool:
         return True
@@ -118,6 +119,7 @@ def _open_http(url: str) -> BinaryIO:
     last: Exception | None = None
     for attempt in range(HTTP_ATTEMPTS):
         if attempt:
+            log.warning("%s: %s; retrying in %d s", url, last, 2 ** (attempt - 1))
             time.sleep(2 ** (attempt - 1))
         try:
             return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
@@ -230,7 +232,7 @@ def read_manifest(source: str) -> Manifest:
             raw = f.read()
     except DataError:
         raise
-    except OSError as e:
+    except Exception as e:  # OSError, http.client.IncompleteRead, ...
         raise DataError(f"{location}: cannot read the manifest: {e}") from e
     try:
         data = json.loads(raw)
@@ -287,13 +289,19 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def _wanted(fname: str) -> bool:
+    return not fname.endswith(".json")  # provenance: not needed to train or evaluate, so not read
+
+
 def _raw_samples(urls: Iterable[str]) -> Iterator[dict]:
-    """WebDataset samples ``{"__key__", "__url__", "png": bytes, "cls": bytes, ...}`` of each shard in turn."""
+    """WebDataset samples ``{"__key__", "__url__", "png": bytes, "cls": bytes}`` of each shard in turn."""
     for url in urls:
         stream = open_url(url)
         try:
-            yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-        except (DataError, tarfile.TarError, OSError, ValueError) as e:
+            yield from group_by_keys(
+                tar_file_expander([{"url": url, "stream": stream}], select_files=_wanted)
+            )
+        except Exception as e:  # tar, network (IncompleteRead is no OSError), pipe: all name the shard
             raise DataError(f"shard {url}: cannot read it: {e}") from e
         finally:
             stream.close()
@@ -358,14 +366,29 @@ def _batches(
             return
 
 
-def _weighted_resampled_urls(urls: Sequence[str], weights: Sequence[int], rng: random.Random) -> Iterator[str]:
-    """Shards drawn with replacement, forever, with probability proportional to their sample counts.
+def _shuffled(items: Iterable[Any], bufsize: int, rng: random.Random, needed: int) -> Iterator[Any]:
+    """`needed` items through a shuffle buffer of up to `bufsize`, reading exactly `needed` items.
 
-    This is webdataset's ``resampled=True`` (`wds.ResampledShards`) with two changes: the seed is ours,
-    so runs are reproducible, and unequal shards are weighted, so a short last shard is not over-sampled.
+    webdataset's `shuffle` schedule (a quick start of 100, then two reads per pick until the buffer is
+    full, then one), with one change: the buffer never holds more than the epoch still needs. A plain
+    buffer would end every epoch with `bufsize` samples read and decoded for nothing, in every worker.
+    Items are decoded samples, so a skipped bad sample cannot leave the epoch short.
     """
-    while True:
-        yield rng.choices(urls, weights=weights)[0]
+    items = iter(items)
+    buf: list[Any] = []
+    for done in range(needed):
+        room = min(bufsize, needed - done)
+        for _ in range(2 if done else min(100, room)):
+            if len(buf) >= room:
+                break
+            buf.append(next(items))
+        k = rng.randrange(len(buf))
+        buf[k], buf[-1] = buf[-1], buf[k]
+        yield buf.pop()
+
+
+def _no_worker_seed() -> int:
+    return 0  # our seed already holds (seed, epoch, rank, worker); see _TrainStream
 
 
 class _TrainStream(IterableDataset):
@@ -374,7 +397,6 @@ class _TrainStream(IterableDataset):
     def __init__(
         self,
         urls: list[str],
-        weights: list[int],
         *,
         image_size: int,
         num_classes: int,
@@ -387,7 +409,7 @@ class _TrainStream(IterableDataset):
         max_bad_samples: int,
     ):
         super().__init__()
-        self.urls, self.weights = list(urls), list(weights)
+        self.urls = list(urls)
         self.image_size, self.num_classes = image_size, num_classes
         self.batch_size, self.steps = batch_size, steps
         self.seed, self.epoch, self.rank = seed, epoch, rank
@@ -401,15 +423,22 @@ class _TrainStream(IterableDataset):
         if my_steps == 0:
             return
         ident = (self.seed, self.epoch, self.rank, worker)
-        urls = _weighted_resampled_urls(self.urls, self.weights, random.Random(_seed("shards", *ident)))
-        samples = _raw_samples(urls)
+        # webdataset's resampled=True: shards drawn uniformly with replacement, forever. Each draw yields
+        # the whole shard, so every sample is equally likely whatever the shard sizes. Its default seed
+        # mixes in the pid and the clock; ours makes the draws a function of `ident`.
+        shards = wds.ResampledShards(
+            self.urls, seed=_seed("shards", *ident), worker_seed=_no_worker_seed, deterministic=True
+        )
+        items = _decoded(
+            _raw_samples(shard["url"] for shard in shards),
+            self.image_size,
+            self.num_classes,
+            self.max_bad_samples,
+        )
+        needed = my_steps * self.batch_size
         if self.shuffle_buffer > 0:
-            # Shuffle the raw bytes, not decoded pixels: the buffer stays small and decoding is lazy.
-            initial = min(self.shuffle_buffer, 100)
-            rng = random.Random(_seed("buffer", *ident))
-            samples = wds.shuffle(self.shuffle_buffer, initial=initial, rng=rng)(samples)
-        items = _decoded(samples, self.image_size, self.num_classes, self.max_bad_samples)
-        for images, labels, _keys in islice(_batches(items, self.batch_size, partial=False), my_steps):
+            items = _shuffled(items, self.shuffle_buffer, random.Random(_seed("buffer", *ident)), needed)
+        for images, labels, _keys in _batches(islice(items, needed), self.batch_size, partial=False):
             yield images, labels
 
 
@@ -476,9 +505,10 @@ def train_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Exactly `steps` full batches of (uint8 (B, 1, H, W), int64 (B,)) for this rank, B = `batch_size`.
 
-    Each worker of each rank draws shards with replacement (weighted by their sample counts) and shuffles
-    samples through a buffer of `shuffle_buffer` raw samples; both are seeded from (seed, epoch, rank,
-    worker), so the batches are a function of those plus the worker count and buffer size. `steps` is
+    Each worker of each rank draws shards uniformly with replacement (webdataset's ``resampled=True``:
+    every sample equally likely) and shuffles decoded samples through a buffer of up to `shuffle_buffer`
+    (``shuffle_buffer * H * W`` bytes per worker). Both are seeded from (seed, epoch, rank, worker), so
+    the batches are a function of those plus the worker count and the buffer size. `steps` is
     normally `steps_per_epoch(manifest.count("train"), batch_size * world_size)`: identical on every
     rank, whatever the shard sizes. Up to `max_bad_samples` distinct undecodable samples per worker are
     logged and skipped; one more raises `DataError`. `pin_memory=None` pins when CUDA is available.
@@ -491,12 +521,8 @@ def train_batches(
     urls = manifest.shard_urls(split)
     if not urls or manifest.count(split) == 0:
         raise DataError(f"{manifest.source}: split '{split}' has no samples to train on")
-    shards = manifest.data["splits"][split]["shards"]
-    # Without per-shard counts (hand-written manifests) fall back to webdataset's uniform resampling.
-    weights = [int(s.get("count", 1)) for s in shards]
     dataset = _TrainStream(
         urls,
-        weights,
         image_size=manifest.image_size,
         num_classes=len(manifest.classes),
         batch_size=batch_size,
@@ -618,9 +644,7 @@ class DeviceCache:
             raise DataError(f"{manifest.source}: split '{split}' holds {len(keys)} samples, its count is {n}")
         order = sorted(range(n), key=keys.__getitem__)
         index = torch.tensor(order, dtype=torch.int64)
-        return DeviceCache(
-            images[index].to(device), labels[index].to(device), [keys[i] for i in order]
-        )
+        return DeviceCache(images[index].to(device), labels[index].to(device), [keys[i] for i in order])
 
     def train_batches(
         self, *, batch_size: int, steps: int, epoch: int, seed: int, rank: int, world_size: int
