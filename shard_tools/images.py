@@ -36,7 +36,17 @@ RESAMPLE = Image.Resampling.LANCZOS
 
 
 class ImageError(ValueError):
-    """A file could not be decoded as an image. The message names the file and why."""
+    """A file could not be decoded as an image. The message names the file and why.
+
+    `name` is the file (or the name given for bytes), `reason` the cause alone, as `pack` records it.
+    """
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
+
+    def __reduce__(self):  # so it survives the trip back from a worker process
+        return type(self), (self.name, self.reason)
 
 
 def _describe(src: str | Path | bytes, name: str | None) -> str:
@@ -76,40 +86,40 @@ def decode_gray(src: str | Path | bytes, *, name: str | None = None) -> np.ndarr
     non-image or oversized file.
     """
     what = _describe(src, name)
-    try:
-        fp = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else open(src, "rb")
-    except OSError as e:
-        raise ImageError(f"{what}: cannot read: {e.strerror or e}") from e
-    with fp:
-        fp.seek(0, io.SEEK_END)
-        if fp.tell() == 0:
-            raise ImageError(f"{what}: empty file (0 bytes)")
-        fp.seek(0)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    else:
         try:
-            with warnings.catch_warnings():
-                # PIL only warns between 89 and 179 megapixels; refuse instead of decoding.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(fp) as im:
-                    if im.width * im.height > MAX_PIXELS:
-                        raise ImageError(
-                            f"{what}: {im.width}x{im.height} pixels exceeds the limit of {MAX_PIXELS} "
-                            "(a decompression bomb, or not a radiograph)"
-                        )
-                    im.load()
-                    im = ImageOps.exif_transpose(im)
-                    gray = _to_uint8_gray(im)
-        except ImageError:
-            raise
-        except UnidentifiedImageError as e:
-            raise ImageError(f"{what}: not a recognised image file") from e
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise ImageError(f"{what}: refused as a decompression bomb: {e}") from e
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            # PIL reports truncation as OSError("image file is truncated ...") and bad chunks as
-            # SyntaxError/ValueError; the message names the cause.
-            raise ImageError(f"{what}: corrupt or truncated image: {e}") from e
+            data = Path(src).read_bytes()
+        except OSError as e:
+            raise ImageError(what, f"cannot read: {e.strerror or e}") from e
+    if not data:
+        raise ImageError(what, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between 89 and 179 megapixels; refuse instead of decoding.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ImageError(
+                        what,
+                        f"{im.width}x{im.height} pixels exceeds the limit of {MAX_PIXELS} "
+                        "(a decompression bomb, or not a radiograph)",
+                    )
+                im.load()
+                gray = _to_uint8_gray(ImageOps.exif_transpose(im))
+    except ImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageError(what, "not a recognised image file") from e
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(what, f"refused as a decompression bomb: {e}") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        # PIL reports truncation as OSError("image file is truncated ...") and bad chunks as
+        # SyntaxError/ValueError; its message names the cause.
+        raise ImageError(what, f"corrupt or truncated image: {e}") from e
     if gray.ndim != 2 or gray.size == 0:
-        raise ImageError(f"{what}: decoded to an empty image")
+        raise ImageError(what, "decoded to an empty image")
     return gray
 
 
@@ -119,7 +129,7 @@ def resize_gray(gray: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"size must be >= 0, got {size}")
     if size == 0 or gray.shape == (size, size):
         return np.ascontiguousarray(gray, dtype=np.uint8)
-    im = Image.fromarray(gray, mode="L").resize((size, size), RESAMPLE)
+    im = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8)).resize((size, size), RESAMPLE)
     return np.asarray(im, dtype=np.uint8)
 
 
@@ -134,7 +144,9 @@ def load_gray(src: str | Path | bytes, size: int, *, name: str | None = None) ->
 def encode_png(gray: np.ndarray) -> bytes:
     """Lossless 8-bit gray PNG. Deterministic: same pixels give the same bytes with the same zlib."""
     buf = io.BytesIO()
-    Image.fromarray(gray, mode="L").save(buf, format="PNG", compress_level=6, optimize=False)
+    Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8)).save(
+        buf, format="PNG", compress_level=6, optimize=False
+    )
     return buf.getvalue()
 
 

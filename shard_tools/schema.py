@@ -35,6 +35,7 @@ bucket is still valid: readers resolve shard URLs against the URL the manifest w
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 FORMAT_VERSION = 1
@@ -64,3 +65,22 @@ def slug(text: str) -> str:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+# The members of one sample, in the order pack writes them.
+SAMPLE_EXTS = ("cls", "json", "png")
+
+
+def sample_key(class_name: str, rel_path: str) -> str:
+    """`<class slug>__<slug of rel_path without its extension>`, e.g. `covid__covid-1`.
+
+    `rel_path` is relative to the folder holding the class's images (`<Class>/` or `<Class>/images/`), so
+    both database layouts give the same keys. A key longer than 80 characters is cut to 69 plus a hash, so
+    tar member names fit a plain USTAR header. `pack` makes colliding keys unique (`pack.assign_keys`).
+    """
+    last = rel_path.rsplit("/", 1)[-1]
+    stem = rel_path[: len(rel_path) - len(last)] + last.rsplit(".", 1)[0] if "." in last else rel_path
+    digest = hashlib.sha1(f"{class_name}/{rel_path}".encode()).hexdigest()
+    # A name with no ASCII letter or digit at all gets a stable hash instead.
+    key = f"{slug(class_name) or 'class'}__{slug(stem) or 'h' + digest[:12]}"
+    return key if len(key) <= 80 else f"{key[:69]}-{digest[:10]}"
