@@ -11,15 +11,24 @@ counts every sample of the split exactly once.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
+from cxrdist.artifacts import ArtifactError, ModelMeta, atomic_write_json, find_model_dir, load_model_files
 from cxrdist.augment import eval_transform
-from cxrdist.data import Manifest, eval_batches, to_device
+from cxrdist.config import ModelConfig
+from cxrdist.data import DataError, Manifest, eval_batches, read_manifest, to_device
 from cxrdist.metrics import all_reduce_sum, confusion_matrix, gather_rows, summarize
+from cxrdist.models import ModelError, create_model
+from cxrdist.plots import plot_confusion
+from cxrdist.report import print_metrics_table
 
 
 class EvalError(RuntimeError):
@@ -105,3 +114,101 @@ def evaluate_split(
     metrics = summarize(cm.cpu(), manifest.classes, all_probs.cpu(), all_labels.cpu())
     metrics["loss"] = float(loss_sum) / max(seen, 1)
     return metrics
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def load_trained_model(run_or_model: str | Path, device: torch.device) -> tuple[torch.nn.Module, ModelMeta]:
+    """The model of a run's `best/` (or of a model.safetensors + meta.json directory), in eval mode."""
+    model_dir = find_model_dir(run_or_model)
+    weights, meta = load_model_files(model_dir)
+    model = create_model(ModelConfig(name=meta.model_name, in_chans=meta.in_chans), len(meta.classes))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{model_dir}: weights do not fit model '{meta.model_name}': {e}") from None
+    return model.to(device).eval(), meta
+
+
+def check_compatible(meta: ModelMeta, manifest: Manifest) -> None:
+    """A model is only ever evaluated with the class order and image size it was trained on."""
+    if tuple(meta.classes) != tuple(manifest.classes):
+        raise EvalError(
+            f"the model was trained on classes {list(meta.classes)} but the shards at {manifest.source} "
+            f"list {list(manifest.classes)}: labels would be misread. Evaluate on shards packed with the "
+            "same classes (shard_tools.pack --classes)."
+        )
+    if meta.image_size != manifest.image_size:
+        raise EvalError(
+            f"the model was trained at {meta.image_size} px but the shards at {manifest.source} are "
+            f"{manifest.image_size} px. Pack them with --size {meta.image_size}."
+        )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="cxrdist.evaluate",
+        description="Exact per-class evaluation of a trained model on one split of packed shards. "
+        "Runs alone or under `accelerate launch` with any number of processes, with identical results.",
+    )
+    p.add_argument("model", help="run directory (uses best/) or a directory with model.safetensors + meta.json")
+    p.add_argument("--shards", required=True, help="directory or http(s) URL holding manifest.json")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", type=Path, help="metrics JSON to write (default: MODEL/eval_<split>.json)")
+    p.add_argument("--tta", action="store_true", help="average predictions over the image and its mirror")
+    p.add_argument("--batch-size", type=int, default=128, help="images per process per batch")
+    p.add_argument("--num-workers", type=int, default=2, help="loader processes per rank")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accelerate import PartialState
+
+    args = parse_args(argv)
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only hosts: gloo ranks
+    err = Console(stderr=True)
+    try:
+        model, meta = load_trained_model(args.model, state.device)
+        manifest = read_manifest(args.shards)
+        check_compatible(meta, manifest)
+        settings = EvalSettings(
+            device=state.device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            in_chans=meta.in_chans,
+            autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision),
+            tta_hflip=args.tta,
+        )
+        metrics = evaluate_split(
+            model, manifest, args.split, settings, rank=state.process_index, world_size=state.num_processes
+        )
+    except (ArtifactError, DataError, EvalError, ModelError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        return 1
+    if state.is_main_process:
+        out = args.out or find_model_dir(args.model) / f"eval_{args.split}.json"
+        result = {
+            **metrics,
+            "split": args.split,
+            "shards": manifest.source,
+            "model": str(find_model_dir(args.model)),
+            "tta_hflip": args.tta,
+        }
+        atomic_write_json(out, result)
+        png = plot_confusion(
+            metrics["confusion_matrix"],
+            manifest.classes,
+            out.with_name(out.stem + "_confusion.png"),
+            title=f"{args.split} split, n={metrics['num_samples']}",
+        )
+        console = Console()
+        print_metrics_table(metrics, manifest.classes, console, title=f"{args.split} split of {manifest.source}")
+        console.print(f"wrote {out}" + (f" and {png}" if png else ""), highlight=False)
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,9 +17,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,8 @@ from cxrdist.evaluate import EvalError, EvalSettings, evaluate_split
 from cxrdist.models import ModelError, check_input_size, create_model
 
 CHECKPOINTS = "checkpoints"
+TRAIN_STATE_FILE = "train_state.json"
+EMA_FILE = "ema.safetensors"
 LOWER_IS_BETTER = {"loss"}
 
 
@@ -75,7 +79,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 
 def class_weights(class_counts: list[int]) -> torch.Tensor:
-    """Inverse-frequency weights, mean 1 over present classes; 0 for a class with no training image."""
+    """Inverse-frequency weights (mean 1 per training image); 0 for a class with no training image."""
     counts = torch.tensor(class_counts, dtype=torch.float32)
     present = counts > 0
     weights = torch.zeros_like(counts)
@@ -89,21 +93,43 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, weight
     return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=cfg.label_smoothing)
 
 
+@dataclass
 class TrainState:
-    """Loop position and early-stopping bookkeeping; saved in every checkpoint."""
+    """Loop position and early-stopping bookkeeping. Saved as JSON in every checkpoint (never a pickle)."""
+
+    epochs_done: int = 0
+    step_in_epoch: int = 0  # micro-steps already done in epoch epochs_done + 1 (mid-epoch checkpoint)
+    epoch_loss_partial: float = 0.0  # rank-mean loss sum over those steps
+    optimizer_steps: int = 0
+    best_value: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+
+class Preempted(Exception):
+    """SIGTERM or Ctrl-C: every rank finished its step and the checkpoint is saved."""
+
+    def __init__(self, signal_name: str, checkpoint: Path) -> None:
+        super().__init__(f"stopped by {signal_name}; checkpoint saved to {checkpoint}. Continue with --resume.")
+        self.signal_name = signal_name
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it at optimizer-step boundaries. A second Ctrl-C aborts."""
 
     def __init__(self) -> None:
-        self.epochs_done = 0
-        self.optimizer_steps = 0
-        self.best_value: float | None = None
-        self.best_epoch = 0
-        self.bad_epochs = 0
+        self.signal_name = ""
 
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signal_name and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # impatient second Ctrl-C: stop now, without a checkpoint
+        self.signal_name = signal.Signals(signum).name
 
 
 @torch.no_grad()
@@ -121,8 +147,19 @@ def improved(value: float, best: float | None, metric: str) -> bool:
     return value < best if metric in LOWER_IS_BETTER else value > best
 
 
+def checkpoint_name(epochs_done: int, step_in_epoch: int) -> str:
+    """`epoch-0003` after epoch 3; `epoch-0003-plus-000040` 40 micro-steps into epoch 4. Sorts in order."""
+    name = f"epoch-{epochs_done:04d}"
+    return f"{name}-plus-{step_in_epoch:06d}" if step_in_epoch else name
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    # Completed directories only: ".epoch-*.tmp" ones are half-written saves and never match.
+    return sorted(p for p in (run_dir / CHECKPOINTS).glob("epoch-[0-9][0-9][0-9][0-9]*") if p.is_dir())
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / CHECKPOINTS).glob("epoch-[0-9][0-9][0-9][0-9]"))
+    found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
@@ -150,6 +187,7 @@ class Run:
     cache: DeviceCache | None
     run_dir: Path
     steps: int  # micro-batches per epoch per rank
+    stop: StopFlag
     total_optimizer_steps: int
     warmup_steps: int
 
@@ -200,6 +238,8 @@ def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
 
     check_trackers(cfg.run.log_with)
     accelerator = Accelerator(
+        # Without a GPU, Accelerate only forms a process group when told it runs on CPU (gloo ranks).
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=list(cfg.run.log_with) or None,
@@ -255,10 +295,6 @@ def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
             )
 
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-
     run = Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -273,6 +309,7 @@ def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
         steps=steps,
         total_optimizer_steps=opt_steps_per_epoch * cfg.train.epochs,
         warmup_steps=warmup_steps,
+        stop=StopFlag(),
     )
     if accelerator.is_main_process and not resume:
         write_run_header(run)
@@ -305,15 +342,22 @@ def _flat(d: dict, prefix: str = "") -> dict:
 # ------------------------------------------------------------------------------------------- the loop
 
 
+def any_rank(acc, flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
 def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Progress) -> dict[str, float]:
-    """One epoch of exactly `run.steps` micro-batches on every rank. Returns mean loss and images/s."""
+    """One epoch of exactly `run.steps` micro-batches on every rank. Returns mean loss and images/s.
+
+    Starts at `state.step_in_epoch` (non-zero after a mid-epoch resume). Raises `Preempted` after saving
+    a checkpoint when any rank was asked to stop.
+    """
     cfg, acc = run.cfg, run.accelerator
     rank, world, device = acc.process_index, acc.num_processes, acc.device
     run.model.train()
-    # Everything random in an epoch is a function of (seed, epoch, rank): resuming replays it exactly.
-    torch.manual_seed(derive_seed(cfg.run.seed, epoch, rank, 0))
     gen = torch.Generator(device=device)
-    gen.manual_seed(derive_seed(cfg.run.seed, epoch, rank, 1))
+    first = state.step_in_epoch
     if run.cache is not None:
         batches = run.cache.train_batches(
             batch_size=cfg.train.per_device_batch_size,
@@ -337,11 +381,16 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Progress)
             max_bad_samples=cfg.data.max_bad_samples,
         )
     in_chans = cfg.model.in_chans
-    task = progress.add_task(f"epoch {epoch}/{cfg.train.epochs}", total=run.steps, info="")
-    loss_sum = torch.zeros((), device=device)
+    task = progress.add_task(f"epoch {epoch}/{cfg.train.epochs}", total=run.steps, completed=first, info="")
+    loss_sum = torch.full((), state.epoch_loss_partial, device=device)
     start = time.perf_counter()
     i = -1
     for i, batch in enumerate(batches):
+        if i < first:
+            continue  # replaying the epoch's fixed batch order up to a mid-epoch checkpoint
+        # Randomness is a function of (seed, epoch, rank, step), so a resumed run replays it exactly.
+        torch.manual_seed(derive_seed(cfg.run.seed, epoch, rank, i, 0))
+        gen.manual_seed(derive_seed(cfg.run.seed, epoch, rank, i, 1))
         images, labels = to_device(batch, device)
         with acc.accumulate(run.model):
             x = train_transform(images, cfg.augment, gen, in_chans, cfg.train.channels_last)
@@ -369,16 +418,24 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Progress)
                 ema_update(run.ema, run.raw_model, cfg.train.ema_decay)
         loss_sum += loss.detach()
         if i % 10 == 0 or i == run.steps - 1:  # .item() syncs with the GPU: not every step
-            rate = (i + 1) * images.shape[0] * world / (time.perf_counter() - start)
+            rate = (i + 1 - first) * images.shape[0] * world / (time.perf_counter() - start)
             progress.update(task, completed=i + 1, info=f"loss {loss.item():.4f}  {rate:,.0f} img/s")
         else:
             progress.update(task, completed=i + 1)
+        # Stop only between optimizer steps, and only all ranks together (one tiny all-reduce).
+        if acc.sync_gradients and i + 1 < run.steps and any_rank(acc, bool(run.stop.signal_name)):
+            state.step_in_epoch = i + 1
+            state.epoch_loss_partial = acc.reduce(loss_sum, reduction="mean").item()
+            ckpt = save_checkpoint(run, state)
+            progress.remove_task(task)
+            raise Preempted(run.stop.signal_name or "a signal on another rank", ckpt)
     if i + 1 != run.steps:  # too few batches would leave the other ranks waiting at a collective
         raise DataError(f"training loader yielded {i + 1} batches, expected {run.steps}")
     seconds = time.perf_counter() - start
     progress.remove_task(task)
     mean_loss = acc.reduce(loss_sum, reduction="mean").item() / run.steps
-    images_seen = run.steps * cfg.train.per_device_batch_size * world
+    images_seen = (run.steps - first) * cfg.train.per_device_batch_size * world
+    state.step_in_epoch, state.epoch_loss_partial = 0, 0.0
     return {"train_loss": mean_loss, "images_per_s": images_seen / seconds, "epoch_seconds": seconds}
 
 
@@ -410,22 +467,42 @@ def model_meta(run: Run, epoch: int, val_metrics: dict) -> dict:
     }
 
 
-def save_checkpoint(run: Run, epoch: int) -> None:
-    """Accelerate `save_state` into a temporary directory on every rank, then rename it into place."""
+def save_checkpoint(run: Run, state: TrainState) -> Path:
+    """Accelerate `save_state` (model, optimizer, scaler, RNG) into a temporary directory on every rank,
+    plus the loop state as JSON and the EMA weights as safetensors; then one rename puts it in place."""
+    from safetensors.torch import save_file
+
     acc = run.accelerator
     ckpt_root = run.run_dir / CHECKPOINTS
-    final = ckpt_root / f"epoch-{epoch:04d}"
-    tmp = ckpt_root / f".epoch-{epoch:04d}.tmp"
+    name = checkpoint_name(state.epochs_done, state.step_in_epoch)
+    final, tmp = ckpt_root / name, ckpt_root / f".{name}.tmp"
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    if acc.is_main_process:
+        atomic_write_json(tmp / TRAIN_STATE_FILE, asdict(state))
+        if run.ema is not None:
+            ema_state = {k: v.detach().cpu().contiguous() for k, v in run.ema.state_dict().items()}
+            save_file(ema_state, str(tmp / EMA_FILE))
     acc.wait_for_everyone()
     if acc.is_main_process:
         replace_dir(tmp, final)
-        for old in sorted(ckpt_root.glob("epoch-[0-9][0-9][0-9][0-9]"))[: -run.cfg.run.keep_checkpoints]:
+        for old in list_checkpoints(run.run_dir)[: -run.cfg.run.keep_checkpoints]:
             shutil.rmtree(old)
     acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(run: Run, ckpt: Path) -> TrainState:
+    """Inverse of `save_checkpoint`. Reads only safetensors, JSON and weights-only torch files."""
+    from safetensors.torch import load_file
+
+    run.accelerator.load_state(str(ckpt))  # Accelerate loads its pickles with weights_only=True
+    state = TrainState(**json.loads((ckpt / TRAIN_STATE_FILE).read_text()))
+    if run.ema is not None:
+        run.ema.load_state_dict(load_file(str(ckpt / EMA_FILE), device=str(run.accelerator.device)))
+    return state
 
 
 def eval_model(run: Run) -> torch.nn.Module:
@@ -441,8 +518,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
     best_state: dict[str, torch.Tensor] | None = None
     if resume:
         ckpt = latest_checkpoint(run.run_dir)
-        acc.load_state(str(ckpt))
-        acc.print(f"resumed from {ckpt} (epoch {state.epochs_done} done)")
+        state = load_checkpoint(run, ckpt)
+        acc.print(f"resumed from {ckpt} (epoch {state.epochs_done} done, {state.step_in_epoch} steps into the next)")
         if acc.is_main_process:  # drop rows of epochs after the checkpoint: they will be redone
             rows = [r for r in read_metrics_rows(metrics_path) if r["epoch"] <= state.epochs_done]
             atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -470,6 +547,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         disable=not acc.is_main_process,
     )
     metric_name = cfg.train.best_metric
+    run.stop.install()
     with progress:
         for epoch in range(state.epochs_done + 1, cfg.train.epochs + 1):
             stats = train_one_epoch(run, state, epoch, progress)
@@ -492,10 +570,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 state.bad_epochs += 1
             lr = run.optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch, **stats, "lr": lr, "val": val, "best": is_best}
-            save_checkpoint(run, epoch)
+            # The row goes in before the checkpoint: a crash between the two redoes this epoch on resume,
+            # and resume drops rows past its checkpoint, so the log never loses or repeats an epoch.
             if acc.is_main_process:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            save_checkpoint(run, state)
+            if any_rank(acc, bool(run.stop.signal_name)):  # a signal during evaluation or saving
+                raise Preempted(run.stop.signal_name or "a signal on another rank", latest_checkpoint(run.run_dir))
             acc.log(
                 {"train/loss": stats["train_loss"], "lr": lr, "images_per_s": stats["images_per_s"]}
                 | {f"val/{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")},
@@ -582,6 +664,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg, resume=args.resume)
+    except Preempted as e:
+        if _is_main_launch_process():
+            err.print(f"[yellow]preempted:[/yellow] {e}", highlight=False)
+        return 128 + (signal.SIGINT if e.signal_name == "SIGINT" else signal.SIGTERM)
     except (TrainError, DataError, ModelError, EvalError) as e:
         prefix = f"[rank {os.environ.get('RANK', '0')}] " if "WORLD_SIZE" in os.environ else ""
         err.print(f"[red]{prefix}error:[/red] {e}", highlight=False)

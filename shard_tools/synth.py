@@ -139,7 +139,7 @@ def draw(class_name: str, size: int, rng: np.random.Generator, marker_rng: np.ra
         peripheral = _sigmoid((ap - rng.uniform(0.14, 0.2)) / 0.04)
         lower = _sigmoid((q - rng.uniform(-0.15, 0.05)) / 0.08)
         patchy = np.clip(0.6 + 0.5 * _smooth_noise(rng, 7, n), 0, None)
-        opacity = rng.uniform(0.06, 0.22) * peripheral * (0.35 + 0.65 * lower) * patchy
+        opacity = rng.uniform(0.12, 0.28) * peripheral * (0.35 + 0.65 * lower) * patchy
     elif class_name == "Lung_Opacity":
         # Consolidation of (part of) one lobe; one edge straight as along a fissure.
         side = rng.choice((-1.0, 1.0))
@@ -149,13 +149,13 @@ def draw(class_name: str, size: int, rng: np.random.Generator, marker_rng: np.ra
         tilt = rng.uniform(-0.5, 0.5)
         fissure = _sigmoid((rng.choice((-1.0, 1.0)) * (q - cq - tilt * (p - cp)) + 0.4 * rq) / 0.01)
         texture = 0.85 + 0.15 * _smooth_noise(rng, 16, n)
-        opacity = rng.uniform(0.1, 0.32) * patch * fissure * texture
+        opacity = rng.uniform(0.18, 0.36) * patch * fissure * texture
     elif class_name == "Viral Pneumonia":
         # Diffuse interstitial net (zero crossings of a band-pass field), bilateral, perihilar.
         band = _smooth_noise(rng, 30, n) - 0.6 * _smooth_noise(rng, 15, n)
         reticular = np.exp(-((band / 0.35) ** 2))
         central = 0.5 + 0.5 * np.exp(-((ap - 0.12) ** 2) / 0.02)
-        opacity = rng.uniform(0.03, 0.11) * reticular * central + rng.uniform(0.0, 0.04)
+        opacity = rng.uniform(0.07, 0.15) * reticular * central + rng.uniform(0.0, 0.04)
 
     # Attenuation: soft tissue bright, lung air dark; the heart, in front, hides the lung behind it.
     tissue = 0.40 + 0.08 * _sigmoid((q - 0.25) / 0.1)  # abdomen below the domes is denser

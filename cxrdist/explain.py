@@ -1,0 +1,239 @@
+"""Grad-CAM: where does the model look? An audit for shortcut learning.
+
+    python -m cxrdist.explain RUN_OR_MODEL [IMAGE_OR_DIR...] --out DIR [--shards DIR_OR_URL --per-class N]
+
+Models trained on this database are known to learn hospital markers, text and borders instead of lung
+findings (DeGrave et al., Nature Machine Intelligence 2021). For each image this writes the radiograph with
+its Grad-CAM heat map overlaid (for the predicted class), and reports the share of heat-map mass that lies
+outside a central lung box. With `--shards` it also writes a grid of N test images per class and the mean
+outside share per true class. A high share is no proof of a shortcut, and a low one no proof of its
+absence, but a class whose maps sit on corners and edges deserves a look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.table import Table
+
+from cxrdist.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json
+from cxrdist.augment import eval_transform
+from cxrdist.data import DataError, eval_batches, read_manifest
+from cxrdist.evaluate import EvalError, check_compatible, load_trained_model
+from cxrdist.models import ModelError, gradcam_target_layer
+from cxrdist.predict import find_images
+from shard_tools.images import ImageError, load_gray
+
+# Central box that holds both lung fields on a PA radiograph, as fractions of width and height
+# (x0, y0, x1, y1). Deliberately generous: mass outside it sits on borders, corners, labels and the neck.
+LUNG_BOX = (0.12, 0.08, 0.88, 0.92)
+
+
+def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None):
+    """Grad-CAM maps for a batch.
+
+    Args:
+        model: eval-mode classifier returning logits (B, K).
+        x: normalised input (B, C, H, W).
+        target: class per sample (B,) to explain; None explains the predicted class.
+    Returns:
+        (cams float (B, H, W) in [0, 1] at input resolution, probs float (B, K)).
+    """
+    layer = gradcam_target_layer(model)
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        store["act"] = output
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)  # makes the activations part of the graph
+            logits = model(x).float()
+            if target is None:
+                target = logits.argmax(1)
+            model.zero_grad(set_to_none=True)
+            logits.gather(1, target[:, None]).sum().backward()
+    finally:
+        handle.remove()
+    act, grad = store["act"].detach().float(), store["act"].grad.float()  # (B, C', h, w)
+    weights = grad.mean(dim=(2, 3), keepdim=True)  # global-average-pooled gradients per channel
+    cam = F.relu((weights * act).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return (cam / peak).cpu(), logits.detach().softmax(1).cpu()
+
+
+def outside_share(cam: np.ndarray, box: Sequence[float] = LUNG_BOX) -> float:
+    """Fraction of the heat map's total mass that lies outside the central lung box."""
+    h, w = cam.shape
+    x0, y0, x1, y1 = round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)
+    total = float(cam.sum())
+    if total <= 0:
+        return 0.0
+    return 1.0 - float(cam[y0:y1, x0:x1].sum()) / total
+
+
+def _jet(v: np.ndarray) -> np.ndarray:
+    """Map [0, 1] to RGB uint8 with the classic jet colormap (no matplotlib needed)."""
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def overlay(gray: np.ndarray, cam: np.ndarray, caption: str = "", alpha: float = 0.45) -> Image.Image:
+    """Radiograph (uint8 H x W) under its heat map, with the lung box outlined and a caption."""
+    base = np.repeat(gray[..., None].astype(np.float32), 3, axis=2)
+    heat = _jet(cam).astype(np.float32)
+    weight = alpha * cam[..., None]  # cold regions keep the radiograph readable
+    img = Image.fromarray((base * (1 - weight) + heat * weight).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    h, w = gray.shape
+    box = (LUNG_BOX[0] * w, LUNG_BOX[1] * h, LUNG_BOX[2] * w, LUNG_BOX[3] * h)
+    draw.rectangle(box, outline=(255, 255, 255))
+    if caption:
+        draw.rectangle((0, 0, w, 11), fill=(0, 0, 0))
+        draw.text((2, 0), caption, fill=(255, 255, 255))
+    return img
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def explain_files(model, meta, files: list[Path], out: Path, device, batch_size: int = 16) -> list[dict]:
+    """One overlay PNG per readable file (`out/<stem>_gradcam.png`); returns a record per file."""
+    records = []
+    for i in range(0, len(files), batch_size):
+        chunk, grays = [], []
+        for path in files[i : i + batch_size]:
+            try:
+                grays.append(load_gray(path, meta.image_size))
+                chunk.append(path)
+            except ImageError as e:
+                records.append({"path": str(path), "error": str(e)})
+        if not chunk:
+            continue
+        images = torch.from_numpy(np.stack(grays)).unsqueeze(1).to(device)
+        cams, probs = grad_cam(model, eval_transform(images, meta.in_chans))
+        for path, gray, cam, p in zip(chunk, grays, cams.numpy(), probs.numpy(), strict=True):
+            pred = meta.classes[int(p.argmax())]
+            share = outside_share(cam)
+            target = out / f"{path.stem}_gradcam.png"
+            _save_png(overlay(gray, cam, f"{pred} {p.max():.2f}"), target)
+            records.append({"path": str(path), "predicted": pred, "outside_share": share, "overlay": str(target)})
+    return records
+
+
+def explain_shards(model, meta, shards: str, out: Path, per_class: int, split: str, device) -> dict:
+    """Grid of `per_class` images per true class from a split, and the mean outside share per class."""
+    manifest = read_manifest(shards)
+    check_compatible(meta, manifest)
+    k = len(manifest.classes)
+    picked: dict[int, list[tuple[np.ndarray, str]]] = {c: [] for c in range(k)}
+    for images, labels, keys in eval_batches(manifest, split, batch_size=64, rank=0, world_size=1, num_workers=0):
+        for img, label, key in zip(images, labels.tolist(), keys, strict=True):
+            if len(picked[label]) < per_class:
+                picked[label].append((img[0].numpy(), key))
+        if all(len(v) >= per_class for v in picked.values()):
+            break
+    size = meta.image_size
+    grid = Image.new("RGB", (per_class * size, k * size), (0, 0, 0))
+    summary: dict[str, dict] = {}
+    for c in range(k):
+        if not picked[c]:
+            summary[manifest.classes[c]] = {"images": 0, "mean_outside_share": None, "accuracy": None}
+            continue
+        grays = np.stack([g for g, _ in picked[c]])
+        x = eval_transform(torch.from_numpy(grays).unsqueeze(1).to(device), meta.in_chans)
+        cams, probs = grad_cam(model, x)
+        shares, correct = [], 0
+        for j, (gray, cam, p) in enumerate(zip(grays, cams.numpy(), probs.numpy(), strict=True)):
+            pred = int(p.argmax())
+            correct += pred == c
+            shares.append(outside_share(cam))
+            caption = f"{manifest.classes[c][:8]}>{manifest.classes[pred][:8]}"
+            grid.paste(overlay(gray, cam, caption), (j * size, c * size))
+        summary[manifest.classes[c]] = {
+            "images": len(shares),
+            "mean_outside_share": float(np.mean(shares)),
+            "accuracy": correct / len(shares),
+        }
+    grid_path = out / f"gradcam_grid_{split}.png"
+    _save_png(grid, grid_path)
+    return {"grid": str(grid_path), "split": split, "lung_box": list(LUNG_BOX), "per_class": summary}
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    table = Table(title="Grad-CAM: heat-map mass outside the central lung box", title_justify="left")
+    for col in ("true class", "images", "mean outside share", "accuracy"):
+        table.add_column(col, justify="left" if col == "true class" else "right")
+    for name, row in summary["per_class"].items():
+        share = "-" if row["mean_outside_share"] is None else f"{row['mean_outside_share']:.1%}"
+        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.1%}"
+        table.add_row(name, str(row["images"]), share, acc)
+    console.print(table)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cxrdist.explain", description="Grad-CAM heat maps and a shortcut indicator.")
+    p.add_argument("model", help="run directory (uses best/) or a directory with model.safetensors + meta.json")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="images, or folders searched recursively")
+    p.add_argument("--out", type=Path, required=True, help="directory for the overlays, grid and summary")
+    p.add_argument("--shards", help="also draw a grid of test images per class from these shards")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--per-class", type=int, default=6, help="grid images per class (with --shards)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    err, console = Console(stderr=True), Console()
+    if not args.inputs and not args.shards:
+        err.print("[red]error:[/red] give images or folders to explain, or --shards for a per-class grid")
+        return 2
+    device = torch.device(args.device)
+    failures = 0
+    try:
+        model, meta = load_trained_model(args.model, device)
+        args.out.mkdir(parents=True, exist_ok=True)
+        result: dict = {"model": args.model}
+        if args.inputs:
+            files, missing = find_images(args.inputs)
+            records = explain_files(model, meta, files, args.out, device)
+            records += [{"path": item, "error": reason} for item, reason in missing]
+            for r in records:
+                if "error" in r:
+                    failures += 1
+                    err.print(f"[yellow]skipped[/yellow] {r['path']}: {r['error']}", highlight=False)
+                else:
+                    console.print(f"{r['overlay']}  {r['predicted']}  outside box {r['outside_share']:.1%}")
+            result["images"] = records
+        if args.shards:
+            result["shards"] = explain_shards(model, meta, args.shards, args.out, args.per_class, args.split, device)
+            print_summary(result["shards"], console)
+            console.print(f"grid: {result['shards']['grid']}")
+        atomic_write_json(args.out / "explain_summary.json", result)
+    except (ArtifactError, DataError, EvalError, ModelError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
