@@ -460,6 +460,18 @@ class _EvalStream(IterableDataset):
         yield from _batches(items, self.batch_size, partial=True)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGINT; the process that owns them decides when to stop.
+
+    Ctrl-C, `scancel`, a spot-instance shutdown and the launcher all signal whole process groups. A
+    worker killed by one would make the training process fail at its next batch instead of finishing its
+    step and saving a checkpoint. The owner shuts its workers down when it is done with the loader, and
+    a worker whose owner died exits by itself (DataLoader's watchdog).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None) -> DataLoader:
     # batch_size=None: the workers already yield whole batches.
     return DataLoader(
@@ -469,6 +481,7 @@ def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None)
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
     )
 
 

@@ -28,7 +28,7 @@ from cxrdist.data import DataError, Manifest, eval_batches, read_manifest, to_de
 from cxrdist.metrics import all_reduce_sum, confusion_matrix, gather_rows, summarize
 from cxrdist.models import ModelError, create_model
 from cxrdist.plots import plot_confusion
-from cxrdist.report import print_metrics_table
+from cxrdist.report import print_metrics_table, print_problem
 
 
 class EvalError(RuntimeError):
@@ -152,7 +152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Exact per-class evaluation of a trained model on one split of packed shards. "
         "Runs alone or under `accelerate launch` with any number of processes, with identical results.",
     )
-    p.add_argument("model", help="run directory (uses best/) or a directory with model.safetensors + meta.json")
+    p.add_argument(
+        "model", help="run directory (uses best/) or a directory with model.safetensors + meta.json"
+    )
     p.add_argument("--shards", required=True, help="directory or http(s) URL holding manifest.json")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", type=Path, help="metrics JSON to write (default: MODEL/eval_<split>.json)")
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only hosts: gloo ranks
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     try:
         model, meta = load_trained_model(args.model, state.device)
         manifest = read_manifest(args.shards)
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             model, manifest, args.split, settings, rank=state.process_index, world_size=state.num_processes
         )
     except (ArtifactError, DataError, EvalError, ModelError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        print_problem(err, e)
         return 1
     if state.is_main_process:
         out = args.out or find_model_dir(args.model) / f"eval_{args.split}.json"
@@ -203,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             out.with_name(out.stem + "_confusion.png"),
             title=f"{args.split} split, n={metrics['num_samples']}",
         )
-        console = Console()
-        print_metrics_table(metrics, manifest.classes, console, title=f"{args.split} split of {manifest.source}")
+        console = Console(soft_wrap=True)  # paths stay on one line in logs
+        print_metrics_table(
+            metrics, manifest.classes, console, title=f"{args.split} split of {manifest.source}"
+        )
         console.print(f"wrote {out}" + (f" and {png}" if png else ""), highlight=False)
     state.wait_for_everyone()
     return 0

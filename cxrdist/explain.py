@@ -30,6 +30,7 @@ from cxrdist.data import DataError, eval_batches, read_manifest
 from cxrdist.evaluate import EvalError, check_compatible, load_trained_model
 from cxrdist.models import ModelError, gradcam_target_layer
 from cxrdist.predict import find_images
+from cxrdist.report import print_problem
 from shard_tools.images import ImageError, load_gray
 
 # Central box that holds both lung fields on a PA radiograph, as fractions of width and height
@@ -135,7 +136,9 @@ def explain_files(model, meta, files: list[Path], out: Path, device, batch_size:
             share = outside_share(cam)
             target = out / f"{path.stem}_gradcam.png"
             _save_png(overlay(gray, cam, f"{pred} {p.max():.2f}"), target)
-            records.append({"path": str(path), "predicted": pred, "outside_share": share, "overlay": str(target)})
+            records.append(
+                {"path": str(path), "predicted": pred, "outside_share": share, "overlay": str(target)}
+            )
     return records
 
 
@@ -145,7 +148,9 @@ def explain_shards(model, meta, shards: str, out: Path, per_class: int, split: s
     check_compatible(meta, manifest)
     k = len(manifest.classes)
     picked: dict[int, list[tuple[np.ndarray, str]]] = {c: [] for c in range(k)}
-    for images, labels, keys in eval_batches(manifest, split, batch_size=64, rank=0, world_size=1, num_workers=0):
+    for images, labels, keys in eval_batches(
+        manifest, split, batch_size=64, rank=0, world_size=1, num_workers=0
+    ):
         for img, label, key in zip(images, labels.tolist(), keys, strict=True):
             if len(picked[label]) < per_class:
                 picked[label].append((img[0].numpy(), key))
@@ -190,9 +195,15 @@ def print_summary(summary: dict, console: Console) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="cxrdist.explain", description="Grad-CAM heat maps and a shortcut indicator.")
-    p.add_argument("model", help="run directory (uses best/) or a directory with model.safetensors + meta.json")
-    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="images, or folders searched recursively")
+    p = argparse.ArgumentParser(
+        prog="cxrdist.explain", description="Grad-CAM heat maps and a shortcut indicator."
+    )
+    p.add_argument(
+        "model", help="run directory (uses best/) or a directory with model.safetensors + meta.json"
+    )
+    p.add_argument(
+        "inputs", nargs="*", metavar="IMAGE_OR_DIR", help="images, or folders searched recursively"
+    )
     p.add_argument("--out", type=Path, required=True, help="directory for the overlays, grid and summary")
     p.add_argument("--shards", help="also draw a grid of test images per class from these shards")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
@@ -203,7 +214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    err, console = Console(stderr=True), Console()
+    err, console = Console(stderr=True, soft_wrap=True), Console(soft_wrap=True)
     if not args.inputs and not args.shards:
         err.print("[red]error:[/red] give images or folders to explain, or --shards for a per-class grid")
         return 2
@@ -220,17 +231,19 @@ def main(argv: list[str] | None = None) -> int:
             for r in records:
                 if "error" in r:
                     failures += 1
-                    err.print(f"[yellow]skipped[/yellow] {r['path']}: {r['error']}", highlight=False)
+                    print_problem(err, f"{r['path']}: {r['error']}", "skipped", "yellow")
                 else:
                     console.print(f"{r['overlay']}  {r['predicted']}  outside box {r['outside_share']:.1%}")
             result["images"] = records
         if args.shards:
-            result["shards"] = explain_shards(model, meta, args.shards, args.out, args.per_class, args.split, device)
+            result["shards"] = explain_shards(
+                model, meta, args.shards, args.out, args.per_class, args.split, device
+            )
             print_summary(result["shards"], console)
             console.print(f"grid: {result['shards']['grid']}")
         atomic_write_json(args.out / "explain_summary.json", result)
     except (ArtifactError, DataError, EvalError, ModelError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        print_problem(err, e)
         return 2
     return 1 if failures else 0
 

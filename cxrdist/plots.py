@@ -31,7 +31,9 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
-def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "") -> Path | None:
+def plot_confusion(
+    cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = ""
+) -> Path | None:
     """Counts and row-normalised recall per cell; rows are the true class, in manifest order."""
     plt = _pyplot()
     if plt is None:
@@ -45,7 +47,9 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Pa
         for i in range(k):
             for j in range(k):
                 color = "white" if frac[i][j] > 0.5 else "black"
-                ax.text(j, i, f"{cm[i][j]}\n{frac[i][j]:.0%}", ha="center", va="center", color=color, fontsize=9)
+                ax.text(
+                    j, i, f"{cm[i][j]}\n{frac[i][j]:.0%}", ha="center", va="center", color=color, fontsize=9
+                )
         ax.set_xticks(range(k), classes, rotation=30, ha="right")
         ax.set_yticks(range(k), classes)
         ax.set_xlabel("predicted")

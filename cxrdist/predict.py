@@ -24,6 +24,7 @@ from cxrdist.artifacts import ArtifactError
 from cxrdist.augment import eval_transform
 from cxrdist.evaluate import load_trained_model
 from cxrdist.models import ModelError
+from cxrdist.report import print_problem
 from shard_tools.images import ImageError, load_gray
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -82,15 +83,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     try:
         model, meta = load_trained_model(args.model, torch.device(args.device))
     except (ArtifactError, ModelError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        print_problem(err, e)
         return 2
     files, missing = find_images(args.inputs)
     for item, reason in missing:
-        err.print(f"[yellow]skipped[/yellow] {item}: {reason}", highlight=False)
+        print_problem(err, f"{item}: {reason}", "skipped", "yellow")
     if not files:
         err.print("[red]error:[/red] no images found (looked for .png, .jpg, .jpeg)")
         return 2
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if probs is None:
             failures += 1
-            err.print(f"[yellow]skipped[/yellow] {path}: {error}", highlight=False)
+            print_problem(err, f"{path}: {error}", "skipped", "yellow")
             continue
         predicted = meta.classes[int(probs.argmax())]
         record = {

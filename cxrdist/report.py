@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 COLUMNS = ("precision", "recall", "specificity", "f1", "roc_auc")
@@ -38,4 +39,11 @@ def print_metrics_table(metrics: dict, classes: Sequence[str], console: Console,
         f"accuracy {metrics['accuracy']:.4f}   balanced accuracy {metrics['balanced_accuracy']:.4f}   "
         f"macro F1 {metrics['macro_f1']:.4f}   samples {metrics['num_samples']}",
         highlight=False,
+    )
+
+
+def print_problem(console: Console, message: object, label: str = "error", style: str = "red") -> None:
+    """`label: message` with the message printed literally (paths and '[train]' are not markup)."""
+    console.print(
+        f"[{style}]{escape(label)}:[/{style}] {escape(str(message))}", highlight=False, soft_wrap=True
     )

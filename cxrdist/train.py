@@ -38,6 +38,7 @@ from cxrdist.data import DataError, DeviceCache, Manifest, read_manifest, steps_
 from cxrdist.data import train_batches as stream_train_batches
 from cxrdist.evaluate import EvalError, EvalSettings, evaluate_split
 from cxrdist.models import ModelError, check_input_size, create_model
+from cxrdist.report import print_problem
 
 CHECKPOINTS = "checkpoints"
 TRAIN_STATE_FILE = "train_state.json"
@@ -110,7 +111,9 @@ class Preempted(Exception):
     """SIGTERM or Ctrl-C: every rank finished its step and the checkpoint is saved."""
 
     def __init__(self, signal_name: str, checkpoint: Path) -> None:
-        super().__init__(f"stopped by {signal_name}; checkpoint saved to {checkpoint}. Continue with --resume.")
+        super().__init__(
+            f"stopped by {signal_name}; checkpoint saved to {checkpoint}. Continue with --resume."
+        )
         self.signal_name = signal_name
 
 
@@ -221,6 +224,26 @@ def check_run_dir(accelerator, run_dir: Path, resume: bool) -> None:
         raise TrainError(problem or f"another rank could not use run.dir {run_dir}; see its message")
 
 
+def verify_shards(accelerator, manifest: Manifest) -> None:
+    """sha256 and size of every local shard against the manifest, before any is used (main process)."""
+    from shard_tools.verify import check_checksums
+
+    problems: list[str] = []
+    if accelerator.is_main_process:
+        location = Path(manifest.source)
+        if location.exists():
+            problems = check_checksums(location.parent, manifest.data)
+            accelerator.print(f"data.verify_checksums: {'FAILED' if problems else 'all shards match'}")
+        else:  # remote: hashing would mean downloading every shard twice
+            accelerator.print(f"data.verify_checksums: {manifest.source} is remote; checksums not verified")
+    if not all_ranks_ok(accelerator, not problems):
+        shown = "\n  ".join(problems[:20]) or "see the main process's output"
+        raise TrainError(
+            f"shards at {manifest.source} do not match their manifest:\n  {shown}\n"
+            "Repack them, or restore the damaged files, then run `python -m shard_tools.verify`."
+        )
+
+
 def write_run_header(run: Run) -> None:
     """config.toml (resolved, loadable as a recipe) and the manifest it trains on. Main process only."""
     import tomli_w
@@ -260,6 +283,8 @@ def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
         raise TrainError("data.shards is empty: set it in the recipe or with --set data.shards=DIR_OR_URL")
     manifest = read_manifest(cfg.data.shards)
     check_input_size(cfg.model.name, manifest.image_size)
+    if cfg.data.verify_checksums:
+        verify_shards(accelerator, manifest)
 
     set_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
     raw_model = create_model(cfg.model, num_classes=len(manifest.classes))
@@ -406,9 +431,9 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Progress)
                 # (fp16's grad scaler skips overflowing steps by itself.)
                 if cfg.train.mixed_precision != "fp16" and not torch.isfinite(grad_norm).item():
                     raise TrainError(
-                        f"non-finite loss or gradient at epoch {epoch}, optimizer step {state.optimizer_steps} "
-                        f"(loss on this rank: {loss.item():.4g}). Last good checkpoint kept in "
-                        f"{run.run_dir / CHECKPOINTS}; lower optim.lr or set train.grad_clip_norm."
+                        f"non-finite loss or gradient at epoch {epoch}, optimizer step "
+                        f"{state.optimizer_steps} (loss on this rank: {loss.item():.4g}). Last good checkpoint "
+                        f"kept in {run.run_dir / CHECKPOINTS}; lower optim.lr or set train.grad_clip_norm."
                     )
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -498,10 +523,17 @@ def load_checkpoint(run: Run, ckpt: Path) -> TrainState:
     """Inverse of `save_checkpoint`. Reads only safetensors, JSON and weights-only torch files."""
     from safetensors.torch import load_file
 
-    run.accelerator.load_state(str(ckpt))  # Accelerate loads its pickles with weights_only=True
-    state = TrainState(**json.loads((ckpt / TRAIN_STATE_FILE).read_text()))
-    if run.ema is not None:
-        run.ema.load_state_dict(load_file(str(ckpt / EMA_FILE), device=str(run.accelerator.device)))
+    try:
+        run.accelerator.load_state(str(ckpt))  # Accelerate loads its pickles with weights_only=True
+        state = TrainState(**json.loads((ckpt / TRAIN_STATE_FILE).read_text()))
+        if run.ema is not None:
+            run.ema.load_state_dict(load_file(str(ckpt / EMA_FILE), device=str(run.accelerator.device)))
+    except Exception as e:  # unpickling refusals, missing files, corrupt safetensors: all mean the same
+        raise TrainError(
+            f"cannot resume from {ckpt}: {type(e).__name__}: {str(e)[:500]}\n"
+            "The checkpoint is damaged or was not written by cxrdist. Move it aside to resume from the "
+            "one before it."
+        ) from e
     return state
 
 
@@ -519,7 +551,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if resume:
         ckpt = latest_checkpoint(run.run_dir)
         state = load_checkpoint(run, ckpt)
-        acc.print(f"resumed from {ckpt} (epoch {state.epochs_done} done, {state.step_in_epoch} steps into the next)")
+        acc.print(
+            f"resumed from {ckpt} (epoch {state.epochs_done} done, {state.step_in_epoch} steps into the next)"
+        )
         if acc.is_main_process:  # drop rows of epochs after the checkpoint: they will be redone
             rows = [r for r in read_metrics_rows(metrics_path) if r["epoch"] <= state.epochs_done]
             atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -536,7 +570,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         f"{cfg.train.per_device_batch_size} per device, mixed precision {cfg.train.mixed_precision}, "
         f"input {'device cache' if run.cache is not None else 'streaming'}"
     )
-    console = Console()
+    console = Console(soft_wrap=True)  # paths stay on one line in logs
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -577,7 +611,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
                     f.write(json.dumps(row) + "\n")
             save_checkpoint(run, state)
             if any_rank(acc, bool(run.stop.signal_name)):  # a signal during evaluation or saving
-                raise Preempted(run.stop.signal_name or "a signal on another rank", latest_checkpoint(run.run_dir))
+                raise Preempted(
+                    run.stop.signal_name or "a signal on another rank", latest_checkpoint(run.run_dir)
+                )
             acc.log(
                 {"train/loss": stats["train_loss"], "lr": lr, "images_per_s": stats["images_per_s"]}
                 | {f"val/{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")},
@@ -617,12 +653,16 @@ def finish_outputs(run: Run, state: TrainState, test: dict) -> None:
     out = {**test, "best_epoch": state.best_epoch, "split": "test", "provenance": provenance()}
     atomic_write_json(run.run_dir / "test_metrics.json", out)
     cm_png = plot_confusion(
-        test["confusion_matrix"], run.manifest.classes, run.run_dir / "confusion_test.png",
+        test["confusion_matrix"],
+        run.manifest.classes,
+        run.run_dir / "confusion_test.png",
         title=f"test, best epoch {state.best_epoch}",
     )
     curves_png = plot_curves(read_metrics_rows(run.run_dir / "metrics.jsonl"), run.run_dir / "curves.png")
-    console = Console()
-    print_metrics_table(test, run.manifest.classes, console, title=f"test split (best epoch {state.best_epoch})")
+    console = Console(soft_wrap=True)  # paths stay on one line in logs
+    print_metrics_table(
+        test, run.manifest.classes, console, title=f"test split (best epoch {state.best_epoch})"
+    )
     if cm_png is None:
         console.print("plots skipped: install matplotlib (pip install 'cxrdist[plots]') for PNG plots")
     console.print(f"run directory: {run.run_dir}")
@@ -655,22 +695,22 @@ def _is_main_launch_process() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
         if _is_main_launch_process():
-            err.print(f"[red]config error:[/red] {e}", highlight=False)
+            print_problem(err, e, "config error")
         return 2
     try:
         train(cfg, resume=args.resume)
     except Preempted as e:
         if _is_main_launch_process():
-            err.print(f"[yellow]preempted:[/yellow] {e}", highlight=False)
+            print_problem(err, e, "preempted", "yellow")
         return 128 + (signal.SIGINT if e.signal_name == "SIGINT" else signal.SIGTERM)
     except (TrainError, DataError, ModelError, EvalError) as e:
         prefix = f"[rank {os.environ.get('RANK', '0')}] " if "WORLD_SIZE" in os.environ else ""
-        err.print(f"[red]{prefix}error:[/red] {e}", highlight=False)
+        print_problem(err, e, f"{prefix}error")
         return 1
     return 0
 

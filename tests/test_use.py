@@ -136,7 +136,8 @@ def test_explain_writes_distinct_overlays_and_a_grid(trained_run, train_shards, 
     for row in per_class.values():
         assert 0.0 <= row["mean_outside_share"] <= 1.0
     grid = Image.open(summary["shards"]["grid"])
-    assert grid.size == (2 * 128, 4 * 128)
+    size = json.loads((trained_run / "best/meta.json").read_text())["image_size"]
+    assert grid.size == (2 * size, 4 * size)
     assert "outside" in res.stdout
 
 
