@@ -28,11 +28,18 @@ class ArtifactError(RuntimeError):
     """A model directory or run directory is missing, incomplete or unwritable."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -129,6 +136,7 @@ def export_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], out_
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 directories
         # safetensors wants contiguous, unshared tensors; channels_last weights are not contiguous.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})

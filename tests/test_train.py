@@ -245,3 +245,47 @@ def test_class_weights_and_seeds():
     counts = torch.tensor([100.0, 300.0, 0.0, 200.0])
     assert float((w * counts).sum() / counts.sum()) == pytest.approx(1.0)  # mean weight per image is 1
     assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(1, 2, 4)
+
+
+def test_training_options_accumulate_clip_smooth_weight_stop_and_log(train_shards, tmp_path):
+    """Gradient accumulation, clipping, label smoothing, class weights, AdamW, a TensorBoard tracker and
+    early stopping, all in one short run; then every option must have left its trace."""
+    run_dir = tmp_path / "opts"
+    res = run_module(
+        "cxrdist.train",
+        "recipes/demo.toml",
+        *fast_overrides(
+            run_dir,
+            train_shards,
+            8,
+            "train.grad_accum_steps=2",
+            "train.grad_clip_norm=0.5",
+            "train.label_smoothing=0.1",
+            "train.class_weights=true",
+            "train.patience=1",
+            "train.best_metric=loss",
+            "optim.lr=0.5",  # far too high: validation loss gets worse and early stopping must fire
+            "optim.warmup_epochs=0",
+            "run.log_with=['tensorboard']",
+        ),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "early stop" in res.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= len(rows) < 8
+    best = min(rows, key=lambda r: r["val"]["loss"])
+    assert json.loads((run_dir / "test_metrics.json").read_text())["best_epoch"] == best["epoch"]
+    assert json.loads((run_dir / "best/meta.json").read_text())["epoch"] == best["epoch"]
+    assert list(run_dir.rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    # Accumulation halves the optimizer steps: 84*4/16 = 21 micro-steps -> 22 (a multiple of 2) -> 11 steps.
+    state = json.loads((run_dir / "checkpoints" / f"epoch-{len(rows):04d}" / "train_state.json").read_text())
+    assert state["optimizer_steps"] == 11 * len(rows)
+
+
+def test_fp16_needs_a_gpu(train_shards, tmp_path):
+    res = run_module(
+        "cxrdist.train",
+        "recipes/demo.toml",
+        *fast_overrides(tmp_path / "fp16", train_shards, 1, "train.mixed_precision=fp16"),
+    )
+    assert res.returncode == 1 and "fp16" in res.stderr and "bf16" in res.stderr
