@@ -609,11 +609,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if acc.is_main_process:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            save_checkpoint(run, state)
-            if any_rank(acc, bool(run.stop.signal_name)):  # a signal during evaluation or saving
-                raise Preempted(
-                    run.stop.signal_name or "a signal on another rank", latest_checkpoint(run.run_dir)
-                )
             acc.log(
                 {"train/loss": stats["train_loss"], "lr": lr, "images_per_s": stats["images_per_s"]}
                 | {f"val/{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")},
@@ -624,6 +619,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 f"val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.4f}  val_macro_f1 "
                 f"{val['macro_f1']:.4f}  {stats['images_per_s']:,.0f} img/s{'  *best*' if is_best else ''}"
             )
+            save_checkpoint(run, state)
+            if any_rank(acc, bool(run.stop.signal_name)):  # a signal during evaluation or saving
+                raise Preempted(
+                    run.stop.signal_name or "a signal on another rank", latest_checkpoint(run.run_dir)
+                )
             if cfg.train.patience and state.bad_epochs >= cfg.train.patience:
                 acc.print(f"early stop: no {metric_name} improvement for {state.bad_epochs} epochs")
                 break
