@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -23,6 +24,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPES = ("cnn", "cnn_augmented", "resnet18_scratch")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> int:
@@ -79,11 +90,7 @@ def main() -> int:
                     seconds,
                 )
             )
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or 'x86_64'})"
-    )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu_name()}"
     print(f"\ndevice: {device}; torch {torch.__version__}\n")
     header = ("recipe", "epochs", "test accuracy", "balanced accuracy", "macro F1", "best epoch", "wall time")
     print("| " + " | ".join(header) + " |")
