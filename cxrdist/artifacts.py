@@ -70,7 +70,12 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old)
     if final_dir.exists():
         os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        if old.exists() and not final_dir.exists():
+            os.replace(old, final_dir)  # put the previous directory back
+        raise
     if old.exists():
         shutil.rmtree(old)
 
@@ -131,11 +136,16 @@ class ModelMeta:
 
 
 def export_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: Path) -> None:
-    """Write `out_dir/model.safetensors` + `out_dir/meta.json` atomically as one directory."""
+    """Write `out_dir/model.safetensors` + `out_dir/meta.json` atomically as one directory.
+
+    Raises `ArtifactError` when the files cannot be written (disk full, no permission); then nothing of
+    the attempt is left behind and a previous `out_dir` is still there, complete.
+    """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 directories
         # safetensors wants contiguous, unshared tensors; channels_last weights are not contiguous.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
@@ -144,9 +154,17 @@ def export_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], out_
             json.dump(meta, f, indent=2, sort_keys=True)
             f.write("\n")
         replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        # OSError, or safetensors' own error type for the same I/O failures
+        kept = "the previous one is unchanged" if (out_dir / MODEL_FILE).exists() else "nothing was written"
+        raise ArtifactError(
+            f"cannot write the model to {out_dir} ({type(e).__name__}: {e}); {kept}. Free space in "
+            f"{out_dir.parent} or choose another directory."
+        ) from e
 
 
 def find_model_dir(run_or_model: str | Path) -> Path:

@@ -8,8 +8,9 @@ Data contract of every loader here (host side, before `to_device`):
 - labels: ``torch.int64`` ``(B,)``, ids into ``manifest.classes`` (``classes[i]`` has label ``i``).
 - keys (evaluation only): ``list[str]`` of the samples' WebDataset keys, unique within a dataset.
 
-Shards are read from local paths, ``http://`` / ``https://`` URLs (Python's urllib, no curl needed) or
-``pipe:`` shell commands whose stdout is the tar (``pipe:aws s3 cp s3://bucket/x/train-000000.tar -``).
+Shards are read from local paths, ``http://`` / ``https://`` URLs (Python's urllib, no curl needed; a
+dropped connection continues with a Range request, see `_HTTPStream`) or ``pipe:`` shell commands whose
+stdout is the tar (``pipe:aws s3 cp s3://bucket/x/train-000000.tar -``).
 The manifest says which shards make up a split; `read_manifest` resolves their names against the place
 the manifest was read from, so a copy of the shard folder works the same on disk, over HTTP or in a bucket.
 
@@ -28,6 +29,7 @@ and broadcast it (dispatch mode) or split the already split stream again and sil
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -36,6 +38,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -49,7 +52,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -58,7 +61,10 @@ from shard_tools.schema import FORMAT_VERSION, MANIFEST_NAME
 log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT_S = 60  # per connect / read; a stalled server fails the run instead of hanging it
-HTTP_ATTEMPTS = 3  # opening a URL is retried on connection errors and 5xx, with 1 s, 2 s back-off
+# A dropped or failed http(s) request is retried, continuing where the data stopped, after 1, 2, 4, 8 s.
+# HTTP_ATTEMPTS counts consecutive attempts that deliver no new byte; then the run fails naming the URL.
+HTTP_ATTEMPTS = 5
+HTTP_BACKOFF_S = 1.0  # delay before the first retry; doubles with each further one
 
 
 class DataError(RuntimeError):
@@ -115,21 +121,136 @@ class _PipeStream(io.RawIOBase):
         super().close()
 
 
-def _open_http(url: str) -> BinaryIO:
-    last: Exception | None = None
-    for attempt in range(HTTP_ATTEMPTS):
-        if attempt:
-            log.warning("%s: %s; retrying in %d s", url, last, 2 ** (attempt - 1))
-            time.sleep(2 ** (attempt - 1))
-        try:
-            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
-        except urllib.error.HTTPError as e:
-            if e.code < 500:  # 404, 403: retrying will not help
-                raise DataError(f"{url}: HTTP {e.code} {e.reason}") from None
-            last = e
-        except (urllib.error.URLError, OSError) as e:
-            last = e
-    raise DataError(f"{url}: cannot open after {HTTP_ATTEMPTS} attempts: {last}") from last
+class _HTTPStream(io.RawIOBase):
+    """The body of an http(s) URL that survives dropped connections and server errors.
+
+    A connection that breaks mid-body (reset, timeout, or fewer bytes than Content-Length) is reopened
+    with ``Range: bytes=<offset>-``, so the reader (a tar parser) continues at the byte where it stopped:
+    restarting from byte 0 would repeat samples. A server that ignores Range (200 instead of 206) is read
+    from the start again, discarding the bytes already delivered. If the resource changed in between
+    (another ETag, Last-Modified or size), continuing would splice two files, so that is an error.
+
+    Retries wait `HTTP_BACKOFF_S`, doubling; after `HTTP_ATTEMPTS` consecutive attempts without a new
+    byte, `DataError` names the URL, the byte offset and the last error. 4xx answers fail at once.
+    """
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+        self.offset = 0  # bytes delivered to the reader
+        self.size: int | None = None  # the whole body, when the server said (Content-Length)
+        self.version: tuple[str | None, str | None] | None = None  # (ETag, Last-Modified)
+        self.failures = 0  # consecutive failed attempts since the last new byte
+        self.resp: Any = None
+        self._connect()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            if self.resp is None:
+                self._connect()
+            try:
+                n = self.resp.readinto(buffer)
+            except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
+                error: Exception = e
+            else:
+                if n or len(buffer) == 0:
+                    self.offset += n
+                    self.failures = 0
+                    return n
+                if self.size is None or self.offset >= self.size:
+                    return 0  # the end of the body
+                error = http.client.IncompleteRead(b"", self.size - self.offset)
+            self._drop()
+            self._failed(error)
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+    def _drop(self) -> None:
+        if self.resp is not None:
+            self.resp.close()
+            self.resp = None
+
+    def _failed(self, error: Exception) -> None:
+        """Count a failed attempt; wait before the next one, or give up with the URL named."""
+        self.failures += 1
+        where = f"at byte {self.offset}" + (f" of {self.size}" if self.size is not None else "")
+        if self.failures >= HTTP_ATTEMPTS:
+            raise DataError(
+                f"{self.url}: failed {self.failures} times in a row {where}; last error: {error!r}. "
+                "Check the server or the network, then run again (training continues with --resume)."
+            ) from error
+        delay = HTTP_BACKOFF_S * 2 ** (self.failures - 1)
+        log.warning("%s: %r %s; retrying in %.3g s", self.url, error, where, delay)
+        time.sleep(delay)
+
+    def _connect(self) -> None:
+        """Open the URL positioned at `self.offset`, retrying as the class docstring says."""
+        while True:
+            headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
+            try:
+                resp = urllib.request.urlopen(
+                    urllib.request.Request(self.url, headers=headers), timeout=HTTP_TIMEOUT_S
+                )
+            except urllib.error.HTTPError as e:
+                if e.code < 500 and e.code not in (408, 429):  # 404, 403: retrying will not help
+                    raise DataError(f"{self.url}: HTTP {e.code} {e.reason}") from None
+                self._failed(e)
+                continue
+            except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
+                self._failed(e)
+                continue
+            try:
+                self._position(resp)
+            except (OSError, http.client.HTTPException) as e:  # dropped while skipping
+                resp.close()
+                self._failed(e)
+                continue
+            except BaseException:
+                resp.close()
+                raise
+            self.resp = resp
+            return
+
+    def _position(self, resp: Any) -> None:
+        """Check that `resp` continues the same body at `self.offset`; skip ahead if it starts at 0."""
+        version = (resp.headers.get("ETag"), resp.headers.get("Last-Modified"))
+        if resp.status == 206:
+            first, total = _content_range(resp.headers.get("Content-Range", ""))
+            if first != self.offset:
+                raise DataError(f"{self.url}: asked for bytes from {self.offset}, got bytes from {first}")
+        else:
+            total, first = resp.length, 0
+        if self.version is None:  # the first answer
+            self.version, self.size = version, total
+            return
+        if version != self.version or (None not in (total, self.size) and total != self.size):
+            raise DataError(
+                f"{self.url}: changed on the server while being read (ETag, Last-Modified or size "
+                "differ); run again once the upload is complete"
+            )
+        todo = self.offset - first  # the server ignored Range: read past the bytes already delivered
+        while todo > 0:
+            chunk = resp.read(min(todo, 1 << 20))
+            if not chunk:
+                raise http.client.IncompleteRead(b"", todo)
+            todo -= len(chunk)
+
+
+def _content_range(value: str) -> tuple[int, int | None]:
+    """``bytes 100-999/1000`` -> (100, 1000); the total is None when the server wrote ``*``."""
+    try:
+        unit, _, spec = value.strip().partition(" ")
+        span, _, total = spec.partition("/")
+        if unit != "bytes":
+            raise ValueError(value)
+        return int(span.split("-")[0]), None if total == "*" else int(total)
+    except ValueError:
+        raise http.client.HTTPException(f"bad Content-Range {value!r}") from None
 
 
 def open_url(url: str) -> BinaryIO:
@@ -137,7 +258,7 @@ def open_url(url: str) -> BinaryIO:
     if _is_pipe(url):
         return io.BufferedReader(_PipeStream(url), buffer_size=1 << 20)
     if _is_http(url):
-        return _open_http(url)
+        return io.BufferedReader(_HTTPStream(url), buffer_size=1 << 20)
     path = urllib.parse.urlparse(url).path if url.startswith("file://") else url
     try:
         return open(path, "rb")
@@ -312,10 +433,13 @@ def _decode(sample: dict, image_size: int, num_classes: int) -> tuple[torch.Tens
     if "png" not in sample or "cls" not in sample:
         members = sorted(k for k in sample if not k.startswith("__"))
         raise ValueError(f"expected .png and .cls members, found {members}")
-    with Image.open(io.BytesIO(sample["png"])) as im:
-        if im.mode != "L":
-            raise ValueError(f"expected an 8-bit grayscale (L) PNG, got mode {im.mode}")
-        pixels = np.array(im)  # a writable copy, (H, W) uint8
+    try:
+        with Image.open(io.BytesIO(sample["png"])) as im:
+            if im.mode != "L":
+                raise ValueError(f"expected an 8-bit grayscale (L) PNG, got mode {im.mode}")
+            pixels = np.array(im)  # a writable copy, (H, W) uint8
+    except UnidentifiedImageError:
+        raise ValueError("its .png member is not an image PIL can read") from None
     if pixels.shape != (image_size, image_size):
         raise ValueError(f"image is {pixels.shape[1]}x{pixels.shape[0]} px, the manifest says {image_size}")
     label = int(sample["cls"].decode("ascii").strip())
@@ -340,13 +464,13 @@ def _decoded(
             key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
             if (url, key) not in bad:
                 bad.add((url, key))
+                if len(bad) > max_bad:
+                    raise DataError(
+                        f"sample '{key}' in shard {url} cannot be decoded: {e}. That makes {len(bad)} bad "
+                        f"sample(s), more than data.max_bad_samples={max_bad}. Check the shards with "
+                        "`python -m shard_tools.verify`, or raise data.max_bad_samples to skip them."
+                    ) from e
                 log.warning("skipping undecodable sample %s in shard %s: %s", key, url, e)
-            if len(bad) > max_bad:
-                raise DataError(
-                    f"sample '{key}' in shard {url} cannot be decoded: {e}. That makes {len(bad)} bad "
-                    f"sample(s), more than data.max_bad_samples={max_bad}. Check the shards with "
-                    "`python -m shard_tools.verify`, or raise data.max_bad_samples to skip them."
-                ) from e
             continue
         yield item
 
@@ -389,6 +513,24 @@ def _shuffled(items: Iterable[Any], bufsize: int, rng: random.Random, needed: in
 
 def _no_worker_seed() -> int:
     return 0  # our seed already holds (seed, epoch, rank, worker); see _TrainStream
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A `DataError` raised in a loader worker, sent to the owning process as an item.
+
+    Raised in the worker, DataLoader would re-raise it with the worker's whole traceback pasted into the
+    message; a user needs only the message, which names the shard and the sample.
+    """
+
+    message: str
+
+
+def _unwrap(loader: Iterable[Any]) -> Iterator[Any]:
+    for item in loader:
+        if isinstance(item, _Failure):
+            raise DataError(item.message)
+        yield item
 
 
 class _TrainStream(IterableDataset):
@@ -438,8 +580,11 @@ class _TrainStream(IterableDataset):
         needed = my_steps * self.batch_size
         if self.shuffle_buffer > 0:
             items = _shuffled(items, self.shuffle_buffer, random.Random(_seed("buffer", *ident)), needed)
-        for images, labels, _keys in _batches(islice(items, needed), self.batch_size, partial=False):
-            yield images, labels
+        try:
+            for images, labels, _keys in _batches(islice(items, needed), self.batch_size, partial=False):
+                yield images, labels
+        except DataError as e:
+            yield _Failure(str(e))
 
 
 class _EvalStream(IterableDataset):
@@ -457,19 +602,35 @@ class _EvalStream(IterableDataset):
         worker, num_workers = _worker()
         samples = _raw_samples(self.urls[worker::num_workers])
         items = _decoded(samples, self.image_size, self.num_classes, self.max_bad_samples)
-        yield from _batches(items, self.batch_size, partial=True)
+        try:
+            yield from _batches(items, self.batch_size, partial=True)
+        except DataError as e:
+            yield _Failure(str(e))
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers ignore SIGTERM and SIGINT; the process that owns them decides when to stop.
+def _worker_signals(_worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C and SIGTERM from anyone but their own process (`worker_init_fn`).
 
-    Ctrl-C, `scancel`, a spot-instance shutdown and the launcher all signal whole process groups. A
-    worker killed by one would make the training process fail at its next batch instead of finishing its
-    step and saving a checkpoint. The owner shuts its workers down when it is done with the loader, and
-    a worker whose owner died exits by itself (DataLoader's watchdog).
+    Ctrl-C, `scancel`, a spot-instance shutdown and torchrun all signal whole process groups. A worker
+    killed by one would make its training process fail at the next batch instead of finishing its step
+    and saving a checkpoint. The owning process still ends its workers with SIGTERM (DataLoader shutdown,
+    multiprocessing at exit), so SIGTERM cannot simply be ignored: a thread waits for it and exits the
+    worker only when the sender is the worker's parent. A worker whose parent died exits by itself
+    (DataLoader's watchdog).
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender information, keep the default
+        return
+    # Blocked here, the mask is inherited by threads started later; the waiting thread then takes it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_parent_sigterm, name="sigterm-from-parent", daemon=True).start()
+
+
+def _exit_on_parent_sigterm() -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == os.getppid():
+            os._exit(128 + signal.SIGTERM)
 
 
 def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None) -> DataLoader:
@@ -481,7 +642,7 @@ def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None)
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
-        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
+        worker_init_fn=_worker_signals if num_workers > 0 else None,
     )
 
 
@@ -547,7 +708,7 @@ def train_batches(
         max_bad_samples=max_bad_samples,
     )
     n = 0
-    for batch in _loader(dataset, min(num_workers, steps), pin_memory):
+    for batch in _unwrap(_loader(dataset, min(num_workers, steps), pin_memory)):
         yield batch
         n += 1
     if n != steps:  # cannot happen unless a worker died quietly; a short epoch would hang the other ranks
@@ -587,7 +748,7 @@ def eval_batches(
         max_bad_samples=max_bad_samples,
     )
     # A worker without a shard would only cost a process start.
-    yield from _loader(dataset, min(num_workers, len(mine)), pin_memory)
+    yield from _unwrap(_loader(dataset, min(num_workers, len(mine)), pin_memory))
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
@@ -628,9 +789,18 @@ class DeviceCache:
 
     @staticmethod
     def load(
-        manifest: Manifest, split: str, device: torch.device | str, max_bytes: int, num_workers: int = 0
+        manifest: Manifest,
+        split: str,
+        device: torch.device | str,
+        max_bytes: int,
+        num_workers: int = 0,
+        max_bad_samples: int = 0,
     ) -> DeviceCache | None:
-        """The cached split, or None (with the reason logged) when it needs more than `max_bytes`."""
+        """The cached split, or None (with the reason logged) when it needs more than `max_bytes`.
+
+        Up to `max_bad_samples` undecodable samples in the whole split are logged and left out, as the
+        streaming loader would skip them; one more raises `DataError` naming it.
+        """
         needed = DeviceCache.bytes_needed(manifest, split)
         if needed > max_bytes:
             log.warning(
@@ -646,15 +816,28 @@ class DeviceCache:
         labels = torch.empty((n,), dtype=torch.int64)
         keys: list[str] = []
         for batch_images, batch_labels, batch_keys in eval_batches(
-            manifest, split, batch_size=256, rank=0, world_size=1, num_workers=num_workers, pin_memory=False
+            manifest,
+            split,
+            batch_size=256,
+            rank=0,
+            world_size=1,
+            num_workers=num_workers,
+            max_bad_samples=max_bad_samples,
+            pin_memory=False,
         ):
             i, j = len(keys), len(keys) + len(batch_keys)
             if j > n:
                 raise DataError(f"{manifest.source}: split '{split}' holds more samples than its count {n}")
             images[i:j], labels[i:j] = batch_images, batch_labels
             keys.extend(batch_keys)
-        if len(keys) != n:
-            raise DataError(f"{manifest.source}: split '{split}' holds {len(keys)} samples, its count is {n}")
+        # Workers each allow max_bad_samples; the split as a whole may not lose more than that either.
+        if not n - max_bad_samples <= len(keys) <= n:
+            raise DataError(
+                f"{manifest.source}: split '{split}' gave {len(keys)} readable samples, its count is {n} "
+                f"(data.max_bad_samples={max_bad_samples}). Check it with `python -m shard_tools.verify`."
+            )
+        n = len(keys)
+        images, labels = images[:n], labels[:n]
         order = sorted(range(n), key=keys.__getitem__)
         index = torch.tensor(order, dtype=torch.int64)
         return DeviceCache(images[index].to(device), labels[index].to(device), [keys[i] for i in order])
