@@ -86,7 +86,9 @@ class TrainConfig:
     epochs: int = _at_least(10, 1)
     per_device_batch_size: int = _at_least(64, 1)  # images per rank per micro-step
     grad_accum_steps: int = _at_least(1, 1)
-    mixed_precision: str = _choice("no", "no", "bf16", "fp16")
+    # "auto": bf16 autocast where the device computes bf16 natively (CUDA compute capability 8+, CPUs with
+    # AVX512-BF16 or AMX), else fp32. Elsewhere bf16 is emulated and slower than fp32.
+    mixed_precision: str = _choice("auto", "auto", "no", "bf16", "fp16")
     loss: str = _choice("cross_entropy", "cross_entropy", "nll")  # nll: log_softmax + NLLLoss (study)
     label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     class_weights: bool = False  # inverse-frequency weights from the manifest's train counts
@@ -153,6 +155,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
+        if "\x00" in value:  # no path, name or URL holds one; the OS would refuse it much later
+            raise ConfigError(f"{where}: contains a NUL character: {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
 
@@ -226,6 +230,10 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{source}: recipe not found. See recipes/ for the shipped ones.") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{source}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:  # a directory, no permission
+            raise ConfigError(f"{source}: cannot read the recipe: {e.strerror or e}") from None
     for item in overrides:
         section, key, value = _parse_override(item)
         table = data.setdefault(section, {})

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -26,12 +27,26 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+# OpenMP threads (libgomp, torch's CPU thread pool) spin while they wait for each other by default. Next to
+# the loader workers, or anything else busy on the machine, a spinning thread holds the core that a
+# descheduled one needs: on 2 cores a training step ran 2-8x slower beside one busy process. Sleeping
+# instead cost nothing measurable on an idle CPU (BENCHMARKS.md). Only takes effect before torch loads
+# libgomp, i.e. when this module is the entry point (`python -m cxrdist.train`); a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cxrdist.artifacts import atomic_write_json, atomic_write_text, export_model, provenance, replace_dir
+from cxrdist.artifacts import (
+    ArtifactError,
+    atomic_write_json,
+    atomic_write_text,
+    export_model,
+    provenance,
+    replace_dir,
+)
 from cxrdist.augment import normalize_stats, train_transform
 from cxrdist.config import Config, ConfigError, OptimConfig, TrainConfig, config_to_dict, load_config
 from cxrdist.data import DataError, DeviceCache, Manifest, read_manifest, steps_per_epoch, to_device
@@ -77,6 +92,26 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _cpu_has_native_bf16() -> bool:
+    # Private torch helpers (2.1+); an older torch simply reports no native bf16.
+    checks = [
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> str:
+    """`train.mixed_precision` as used on `device`: "auto" is "bf16" where bf16 matmuls and convolutions
+    are native (CUDA compute capability 8.0+, CPUs with AVX512-BF16 or AMX), else "no"."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "no"
+    if device.type == "cpu":
+        return "bf16" if _cpu_has_native_bf16() else "no"
+    return "no"
 
 
 def class_weights(class_counts: list[int]) -> torch.Tensor:
@@ -190,6 +225,7 @@ class Run:
     cache: DeviceCache | None
     run_dir: Path
     steps: int  # micro-batches per epoch per rank
+    mixed_precision: str  # train.mixed_precision resolved for this device: "no", "bf16" or "fp16"
     stop: StopFlag
     total_optimizer_steps: int
     warmup_steps: int
@@ -224,6 +260,33 @@ def check_run_dir(accelerator, run_dir: Path, resume: bool) -> None:
         raise TrainError(problem or f"another rank could not use run.dir {run_dir}; see its message")
 
 
+def check_space(accelerator, run_dir: Path, model: torch.nn.Module, keep_checkpoints: int) -> None:
+    """Fail before the first step, on every rank together, when run.dir cannot take this run's files.
+
+    A checkpoint holds the weights and the optimizer state (up to twice the weights, for Adam); the run
+    keeps `keep_checkpoints` of them, writes one more before deleting the oldest, and exports best/. The
+    largest single file is the optimizer state, which a per-file limit (`ulimit -f`) must also allow.
+    """
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    largest_file = 2 * weights + (64 << 10)  # optimizer.bin, plus its pickle framing
+    needed = (keep_checkpoints + 1) * 3 * weights + weights + (16 << 20)  # + logs, plots, RNG states
+    problem = ""
+    free = shutil.disk_usage(run_dir).free
+    file_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if free < needed:
+        problem = (
+            f"run.dir {run_dir} has {free / 2**20:.1f} MiB free; this run's checkpoints need about "
+            f"{needed / 2**20:.1f} MiB. Free space, lower run.keep_checkpoints or choose another run.dir."
+        )
+    elif file_limit != resource.RLIM_INFINITY and file_limit < largest_file:
+        problem = (
+            f"run.dir {run_dir}: files are limited to {file_limit} bytes (ulimit -f) but a checkpoint "
+            f"file of this model needs about {largest_file} bytes. Raise the limit."
+        )
+    if not all_ranks_ok(accelerator, not problem):
+        raise TrainError(problem or f"another rank has no room in run.dir {run_dir}; see its message")
+
+
 def verify_shards(accelerator, manifest: Manifest) -> None:
     """sha256 and size of every local shard against the manifest, before any is used (main process)."""
     from shard_tools.verify import check_checksums
@@ -251,6 +314,7 @@ def write_run_header(run: Run) -> None:
     prov = provenance()
     header = "".join(f"# {k}: {v}\n" for k, v in prov.items())
     header += f"# world_size: {run.accelerator.num_processes}\n"
+    header += f"# mixed_precision used: {run.mixed_precision}\n"
     atomic_write_text(run.run_dir / "config.toml", header + tomli_w.dumps(config_to_dict(run.cfg)))
     atomic_write_json(run.run_dir / "manifest.json", run.manifest.data)
 
@@ -260,17 +324,22 @@ def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     check_trackers(cfg.run.log_with)
+    use_cuda = torch.cuda.is_available()
+    local_device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    )
+    mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, local_device)
     accelerator = Accelerator(
         # Without a GPU, Accelerate only forms a process group when told it runs on CPU (gloo ranks).
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.train.mixed_precision,
+        cpu=not use_cuda,
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=list(cfg.run.log_with) or None,
         project_dir=cfg.run.dir,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))],
     )
     device = accelerator.device
-    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
+    if mixed_precision == "fp16" and device.type != "cuda":
         raise TrainError("train.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this device")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs: same accuracy, ~2x faster
@@ -293,6 +362,7 @@ def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
     raw_model.to(device)
     ema = copy.deepcopy(raw_model).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
     optimizer = build_optimizer(raw_model, cfg.optim)
+    check_space(accelerator, run_dir, raw_model, cfg.run.keep_checkpoints)
     model = torch.compile(raw_model) if cfg.train.compile else raw_model
     # The WebDataset loader is deliberately NOT prepared: Accelerate would re-shard or broadcast it.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -311,7 +381,12 @@ def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
     cache = None
     if cfg.data.cache == "device":
         cache = DeviceCache.load(
-            manifest, "train", device, int(cfg.data.cache_max_gb * 2**30), num_workers=cfg.data.num_workers
+            manifest,
+            "train",
+            device,
+            int(cfg.data.cache_max_gb * 2**30),
+            num_workers=cfg.data.num_workers,
+            max_bad_samples=cfg.data.max_bad_samples,
         )
         if cache is None:
             accelerator.print(
@@ -332,6 +407,7 @@ def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
         cache=cache,
         run_dir=run_dir,
         steps=steps,
+        mixed_precision=mixed_precision,
         total_optimizer_steps=opt_steps_per_epoch * cfg.train.epochs,
         warmup_steps=warmup_steps,
         stop=StopFlag(),
@@ -367,16 +443,37 @@ def _flat(d: dict, prefix: str = "") -> dict:
 # ------------------------------------------------------------------------------------------- the loop
 
 
+# Host syncs (`.item()`, the stop-flag all-reduce) happen every this many optimizer steps and at the end of
+# an epoch, not every step: each one makes the host wait for the device, which then idles while the host
+# queues the next step. Ranks therefore stop up to this many steps after a signal (seconds at most).
+SYNC_EVERY = 10
+
+
 def any_rank(acc, flag: bool) -> bool:
+    if acc.num_processes == 1:
+        return flag
     t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
     return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+def seed_step(seed: int, device: torch.device) -> None:
+    """Seed the generators a training step draws from (dropout and the like) on `device`.
+
+    `torch.manual_seed` would do, but it also seeds every accelerator backend, and in a CUDA build on a
+    CPU-only host it records a stack trace for lazy CUDA seeding each time: ~0.15 ms per step.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # the current device, the one this rank trains on
 
 
 def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Progress) -> dict[str, float]:
     """One epoch of exactly `run.steps` micro-batches on every rank. Returns mean loss and images/s.
 
     Starts at `state.step_in_epoch` (non-zero after a mid-epoch resume). Raises `Preempted` after saving
-    a checkpoint when any rank was asked to stop.
+    a checkpoint when any rank was asked to stop, and `TrainError` when a gradient norm was not finite.
+    Both are checked at optimizer-step boundaries every `SYNC_EVERY` optimizer steps and at the end of
+    the epoch (a single process checks its stop flag after every optimizer step: that needs no sync).
     """
     cfg, acc = run.cfg, run.accelerator
     rank, world, device = acc.process_index, acc.num_processes, acc.device
@@ -408,13 +505,27 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Progress)
     in_chans = cfg.model.in_chans
     task = progress.add_task(f"epoch {epoch}/{cfg.train.epochs}", total=run.steps, completed=first, info="")
     loss_sum = torch.full((), state.epoch_loss_partial, device=device)
+    # First optimizer step of this epoch whose gradient norm was not finite (-1: none yet), and its loss.
+    # Kept on the device and read at sync points. fp16's grad scaler skips such steps by itself.
+    check_finite = run.mixed_precision != "fp16"
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    bad_loss = torch.zeros((), device=device)
+
+    def raise_if_not_finite() -> None:
+        if check_finite and (step := int(bad_step.item())) >= 0:
+            raise TrainError(
+                f"non-finite loss or gradient at epoch {epoch}, optimizer step {step} (loss on this rank: "
+                f"{bad_loss.item():.4g}). Last good checkpoint kept in {run.run_dir / CHECKPOINTS}; lower "
+                "optim.lr or set train.grad_clip_norm."
+            )
+
     start = time.perf_counter()
     i = -1
     for i, batch in enumerate(batches):
         if i < first:
             continue  # replaying the epoch's fixed batch order up to a mid-epoch checkpoint
         # Randomness is a function of (seed, epoch, rank, step), so a resumed run replays it exactly.
-        torch.manual_seed(derive_seed(cfg.run.seed, epoch, rank, i, 0))
+        seed_step(derive_seed(cfg.run.seed, epoch, rank, i, 0), device)
         gen.manual_seed(derive_seed(cfg.run.seed, epoch, rank, i, 1))
         images, labels = to_device(batch, device)
         with acc.accumulate(run.model):
@@ -427,28 +538,30 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Progress)
                     group["lr"] = lr
                 max_norm = cfg.train.grad_clip_norm or float("inf")
                 grad_norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
-                # Gradients are already all-reduced, so every rank sees the same norm and stops together.
-                # (fp16's grad scaler skips overflowing steps by itself.)
-                if cfg.train.mixed_precision != "fp16" and not torch.isfinite(grad_norm).item():
-                    raise TrainError(
-                        f"non-finite loss or gradient at epoch {epoch}, optimizer step "
-                        f"{state.optimizer_steps} (loss on this rank: {loss.item():.4g}). Last good checkpoint "
-                        f"kept in {run.run_dir / CHECKPOINTS}; lower optim.lr or set train.grad_clip_norm."
-                    )
+                if check_finite:
+                    # Gradients are already all-reduced: every rank sees the same norm and stops together.
+                    first_bad = ~torch.isfinite(grad_norm) & (bad_step < 0)
+                    bad_step = torch.where(first_bad, state.optimizer_steps, bad_step)
+                    bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        if acc.sync_gradients:
-            state.optimizer_steps += 1
-            if run.ema is not None:
-                ema_update(run.ema, run.raw_model, cfg.train.ema_decay)
         loss_sum += loss.detach()
-        if i % 10 == 0 or i == run.steps - 1:  # .item() syncs with the GPU: not every step
+        if not acc.sync_gradients:
+            progress.update(task, completed=i + 1)
+            continue
+        state.optimizer_steps += 1
+        if run.ema is not None:
+            ema_update(run.ema, run.raw_model, cfg.train.ema_decay)
+        at_sync = state.optimizer_steps % SYNC_EVERY == 0 or i == run.steps - 1
+        if at_sync:
+            raise_if_not_finite()
             rate = (i + 1 - first) * images.shape[0] * world / (time.perf_counter() - start)
             progress.update(task, completed=i + 1, info=f"loss {loss.item():.4f}  {rate:,.0f} img/s")
         else:
             progress.update(task, completed=i + 1)
         # Stop only between optimizer steps, and only all ranks together (one tiny all-reduce).
-        if acc.sync_gradients and i + 1 < run.steps and any_rank(acc, bool(run.stop.signal_name)):
+        if i + 1 < run.steps and (world == 1 or at_sync) and any_rank(acc, bool(run.stop.signal_name)):
+            raise_if_not_finite()  # never checkpoint weights a non-finite step has touched
             state.step_in_epoch = i + 1
             state.epoch_loss_partial = acc.reduce(loss_sum, reduction="mean").item()
             ckpt = save_checkpoint(run, state)
@@ -466,7 +579,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Progress)
 
 def eval_settings(run: Run) -> EvalSettings:
     cfg = run.cfg
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision)
     return EvalSettings(
         device=run.accelerator.device,
         batch_size=cfg.train.eval_batch_size or 2 * cfg.train.per_device_batch_size,
@@ -504,13 +617,21 @@ def save_checkpoint(run: Run, state: TrainState) -> Path:
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    if acc.is_main_process:
-        atomic_write_json(tmp / TRAIN_STATE_FILE, asdict(state))
-        if run.ema is not None:
-            ema_state = {k: v.detach().cpu().contiguous() for k, v in run.ema.state_dict().items()}
-            save_file(ema_state, str(tmp / EMA_FILE))
-    acc.wait_for_everyone()
+    problem = ""
+    try:
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            atomic_write_json(tmp / TRAIN_STATE_FILE, asdict(state))
+            if run.ema is not None:
+                ema_state = {k: v.detach().cpu().contiguous() for k, v in run.ema.state_dict().items()}
+                save_file(ema_state, str(tmp / EMA_FILE))
+    except Exception as e:  # OSError, or the same I/O failure wrapped by torch or safetensors
+        problem = f"{type(e).__name__}: {e}"
+    if not all_ranks_ok(acc, not problem):  # every rank stops here together instead of hanging
+        raise TrainError(
+            f"cannot write checkpoint {final} ({problem or 'failed on another rank'}). The previous "
+            f"checkpoint in {ckpt_root} is kept: free space in run.dir, then continue with --resume."
+        )
     if acc.is_main_process:
         replace_dir(tmp, final)
         for old in list_checkpoints(run.run_dir)[: -run.cfg.run.keep_checkpoints]:
@@ -567,7 +688,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     acc.print(
         f"cxrdist: {cfg.model.name} on {acc.num_processes} process(es), device {acc.device}, "
         f"{run.manifest.count('train')} train images, {run.steps} steps/epoch of "
-        f"{cfg.train.per_device_batch_size} per device, mixed precision {cfg.train.mixed_precision}, "
+        f"{cfg.train.per_device_batch_size} per device, mixed precision {run.mixed_precision}, "
         f"input {'device cache' if run.cache is not None else 'streaming'}"
     )
     console = Console(soft_wrap=True)  # paths stay on one line in logs
@@ -598,8 +719,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if is_best:
                 state.best_value, state.best_epoch, state.bad_epochs = val[metric_name], epoch, 0
                 best_state = {k: v.detach().cpu().clone() for k, v in eval_model(run).state_dict().items()}
+                problem = ""
                 if acc.is_main_process:
-                    export_model(best_state, model_meta(run, epoch, val), best_dir)
+                    try:
+                        export_model(best_state, model_meta(run, epoch, val), best_dir)
+                    except ArtifactError as e:
+                        problem = str(e)
+                if not all_ranks_ok(acc, not problem):
+                    raise TrainError(problem or "the main process could not write best/; see its message")
             else:
                 state.bad_epochs += 1
             lr = run.optimizer.param_groups[0]["lr"]
@@ -689,8 +816,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# What gloo and NCCL say when the other end of a collective is gone or silent.
+_LOST_RANK_SIGNS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "NCCL communicator was aborted",
+)
+
+
+def lost_rank(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another rank died or stopped answering."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    return isinstance(e, torch.distributed.DistError) or any(sign in str(e) for sign in _LOST_RANK_SIGNS)
+
+
 def _is_main_launch_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+def _rank_prefix() -> str:
+    return f"[rank {os.environ.get('RANK', '0')}] " if "WORLD_SIZE" in os.environ else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -708,9 +857,19 @@ def main(argv: list[str] | None = None) -> int:
         if _is_main_launch_process():
             print_problem(err, e, "preempted", "yellow")
         return 128 + (signal.SIGINT if e.signal_name == "SIGINT" else signal.SIGTERM)
-    except (TrainError, DataError, ModelError, EvalError) as e:
-        prefix = f"[rank {os.environ.get('RANK', '0')}] " if "WORLD_SIZE" in os.environ else ""
-        print_problem(err, e, f"{prefix}error")
+    except (TrainError, DataError, ModelError, EvalError, ArtifactError) as e:
+        print_problem(err, e, f"{_rank_prefix()}error")
+        return 1
+    except RuntimeError as e:
+        if not lost_rank(e):
+            raise
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print_problem(
+            err,
+            f"lost contact with another rank ({detail}). It probably died (killed, out of memory, node "
+            "lost): its own output says why. Continue from the last checkpoint with --resume.",
+            f"{_rank_prefix()}error",
+        )
         return 1
     return 0
 
