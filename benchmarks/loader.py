@@ -13,8 +13,9 @@ Cases (one epoch each, over every image; best of --repeats):
   (d) raw tar reading with no decoding at all: the upper bound for anything that reads the shards.
 
 Images come from `shard_tools.synth` (299 px, like the database), or from --src, and are packed at
-128 px with `shard_tools.pack`, all into the train split, so every case sees the same images. On a machine without
-a GPU the "device" is the CPU, so (b+)/(c+) pay for augmentation on the same cores as the loader.
+128 px with `shard_tools.pack`, all into the train split, so every case sees the same images. On a
+machine without a GPU the "device" is the CPU, so (b+)/(c+) pay for augmentation on the same cores as
+the loader.
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{count} images, {args.image_size} px shards, prepared in {time.perf_counter() - t0:.1f} s; "
             f"{args.workers} workers, batch {args.batch_size}, device {device}, "
-            f"{torch.get_num_threads()} main-process threads, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+            f"{torch.get_num_threads()} main-process threads, {os.cpu_count()} CPU cores, "
+            f"torch {torch.__version__}"
         )
         steps = steps_per_epoch(count, args.batch_size)
         study = study_pipeline(src, args.batch_size, args.workers, args.image_size)

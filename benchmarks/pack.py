@@ -4,7 +4,8 @@
 
 Generates `--per-class` synthetic radiographs per class at 299 px (as the database) into a temporary
 folder, then packs them at `--size` with `workers=1` (the baseline) and with `--workers` (default: all
-cores), interleaved, best of `--repeats` each, and prints images/s and the speed-up. Writes nothing into the repository.
+cores), interleaved, best of `--repeats` each, and prints images/s and the speed-up. Writes nothing
+into the repository.
 The shards of both runs must be byte-identical; the script checks that too.
 """
 

@@ -51,7 +51,12 @@ def _chunks(items: list[Path], n: int) -> Iterator[list[Path]]:
 
 @torch.no_grad()
 def predict_files(
-    model: torch.nn.Module, files: list[Path], image_size: int, in_chans: int, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    files: list[Path],
+    image_size: int,
+    in_chans: int,
+    batch_size: int,
+    device: torch.device,
 ) -> Iterator[tuple[Path, np.ndarray | None, str]]:
     """Yield (path, class probabilities or None, error message) per file, in input order."""
     for chunk in _chunks(files, batch_size):
@@ -72,9 +77,15 @@ def predict_files(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="cxrdist.predict", description="Classify radiographs with a trained model.")
-    p.add_argument("model", help="run directory (uses best/) or a directory with model.safetensors + meta.json")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images, or folders searched recursively")
+    p = argparse.ArgumentParser(
+        prog="cxrdist.predict", description="Classify radiographs with a trained model."
+    )
+    p.add_argument(
+        "model", help="run directory (uses best/) or a directory with model.safetensors + meta.json"
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images, or folders searched recursively"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -223,7 +223,7 @@ def verify(out: Path | str, *, workers: int | None = None) -> list[str]:
 
     seen: dict[str, str] = {}
     split_counts: dict[str, Counter[int]] = {s: Counter() for s in SPLITS}
-    for (path, entry, _, _), split, (file_problems, report) in zip(jobs, split_of, results):
+    for (_path, entry, _, _), split, (file_problems, report) in zip(jobs, split_of, results):
         problems += file_problems
         if report is None:
             continue

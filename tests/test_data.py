@@ -11,7 +11,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from shardgen import write_shards
 
 from cxrdist.data import (
     DataError,
@@ -22,6 +21,8 @@ from cxrdist.data import (
     to_device,
     train_batches,
 )
+
+from shardgen import write_shards
 
 TRAIN_SHARDS = [3, 17, 5]  # unequal on purpose
 TEST_SHARDS = [7, 5, 4]

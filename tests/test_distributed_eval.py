@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 from dist_eval_worker import fake_probs
-from shardgen import write_shards
 from test_metrics import check_against_sklearn
 
 from cxrdist.data import eval_batches, read_manifest
 from cxrdist.metrics import confusion_matrix, summarize
+
+from shardgen import write_shards
 
 WORKER = Path(__file__).with_name("dist_eval_worker.py")
 TEST_SHARDS = [13, 9]  # 2 shards: with 3 ranks, one rank has none

@@ -1,4 +1,5 @@
-"""cxrdist.models: the study's CNN layer for layer, timm models, local pretrained files, fast offline errors."""
+"""cxrdist.models: the study's CNN layer for layer, timm models, local pretrained files, fast offline
+errors."""
 
 from __future__ import annotations
 
