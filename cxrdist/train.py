@@ -662,6 +662,19 @@ def eval_model(run: Run) -> torch.nn.Module:
     return run.ema if run.ema is not None else run.raw_model
 
 
+def evaluate_run(run: Run, split: str) -> dict:
+    """Exact metrics of the evaluation model (EMA if enabled) on `split`; the same dict on every rank."""
+    acc = run.accelerator
+    return evaluate_split(
+        eval_model(run),
+        run.manifest,
+        split,
+        eval_settings(run),
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
+
+
 def train(cfg: Config, resume: bool = False) -> Path:
     """Run a whole recipe. Returns the run directory."""
     run, state = setup(cfg, resume)
@@ -706,14 +719,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     with progress:
         for epoch in range(state.epochs_done + 1, cfg.train.epochs + 1):
             stats = train_one_epoch(run, state, epoch, progress)
-            val = evaluate_split(
-                eval_model(run),
-                run.manifest,
-                "val",
-                eval_settings(run),
-                rank=acc.process_index,
-                world_size=acc.num_processes,
-            )
+            val = evaluate_run(run, "val")
             state.epochs_done = epoch
             is_best = improved(val[metric_name], state.best_value, metric_name)
             if is_best:
@@ -758,14 +764,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     # Test the best weights, identically on every rank.
     if best_state is not None:
         eval_model(run).load_state_dict(best_state)
-    test = evaluate_split(
-        eval_model(run),
-        run.manifest,
-        "test",
-        eval_settings(run),
-        rank=acc.process_index,
-        world_size=acc.num_processes,
-    )
+    test = evaluate_run(run, "test")
     if acc.is_main_process:
         finish_outputs(run, state, test)
     acc.end_training()
