@@ -52,7 +52,6 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | Non
     store: dict[str, torch.Tensor] = {}
 
     def keep(_module, _inputs, output):
-        output.retain_grad()
         store["act"] = output
 
     handle = layer.register_forward_hook(keep)
@@ -62,11 +61,12 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | Non
             logits = model(x).float()
             if target is None:
                 target = logits.argmax(1)
-            model.zero_grad(set_to_none=True)
-            logits.gather(1, target[:, None]).sum().backward()
+            score = logits.gather(1, target[:, None]).sum()
+            # Gradients for the activations only: the model's own .grad fields stay untouched.
+            (grad,) = torch.autograd.grad(score, store["act"])
     finally:
         handle.remove()
-    act, grad = store["act"].detach().float(), store["act"].grad.float()  # (B, C', h, w)
+    act, grad = store["act"].detach().float(), grad.float()  # (B, C', h, w)
     weights = grad.mean(dim=(2, 3), keepdim=True)  # global-average-pooled gradients per channel
     cam = F.relu((weights * act).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
