@@ -54,7 +54,7 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert all(r["e2e_images_per_s"] > 0 and r["overhead"] > 0 for r in overhead), overhead
 
     baseline = results["baseline"]
-    for program in ("study_script", "cxrdist"):
+    for program in ("study_script", "study_script_tuned_env", "cxrdist"):
         assert baseline[program]["wall_s"] > 0
         assert 0 <= baseline[program]["test_accuracy"] <= 1
     assert baseline["speedup"] > 0 and baseline["epochs"] == 1
