@@ -56,7 +56,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from shard_tools.schema import FORMAT_VERSION, MANIFEST_NAME
+from shard_tools.errors import CxrdistError
+from shard_tools.schema import MANIFEST_NAME, ManifestError, validate_manifest
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,10 @@ HTTP_ATTEMPTS = 5
 HTTP_BACKOFF_S = 1.0  # delay before the first retry; doubles with each further one
 
 
-class DataError(RuntimeError):
-    """Shards or manifest are missing, unreadable or do not match the format. The message names them."""
+class DataError(CxrdistError):
+    """Shards cannot be read, or do not hold what their manifest says. The message names them.
+
+    (A manifest that is missing or breaks the format is a `shard_tools.schema.ManifestError`.)"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,7 +289,7 @@ class Manifest:
     def _split(self, split: str) -> dict:
         splits = self.data["splits"]
         if split not in splits:
-            raise DataError(f"{self.source}: no split '{split}'; the manifest has {', '.join(splits)}")
+            raise ManifestError(f"{self.source}: no split '{split}'; the manifest has {', '.join(splits)}")
         return splits[split]
 
     def shard_urls(self, split: str) -> list[str]:
@@ -318,7 +321,7 @@ def _manifest_location(source: str) -> str:
     source = source.strip()
     if _is_pipe(source):
         if MANIFEST_NAME not in source:
-            raise DataError(
+            raise ManifestError(
                 f"{source}: a pipe: manifest command must name '{MANIFEST_NAME}', so that shard commands "
                 f"can be made by replacing it with each shard's name"
             )
@@ -333,7 +336,7 @@ def _manifest_location(source: str) -> str:
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise DataError(
+        raise ManifestError(
             f"{source}: no {MANIFEST_NAME} found. Point data.shards at the folder made by "
             "`python -m shard_tools.pack`, or at its manifest.json"
         )
@@ -358,40 +361,9 @@ def read_manifest(source: str) -> Manifest:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{location}: not a JSON manifest: {e}") from None
-    _check_manifest(data, location)
+        raise ManifestError(f"{location}: not a JSON manifest: {e}") from None
+    validate_manifest(data, location)
     return Manifest(location, tuple(data["classes"]), int(data["image_size"]), data)
-
-
-def _check_manifest(data: Any, where: str) -> None:
-    def bad(what: str) -> DataError:
-        return DataError(f"{where}: {what}. Re-create the shards with `python -m shard_tools.pack`.")
-
-    if not isinstance(data, dict):
-        raise bad("the manifest is not a JSON object")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise bad(f"format_version is {data.get('format_version')!r}; this cxrdist reads {FORMAT_VERSION}")
-    classes = data.get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise bad("'classes' must be a non-empty list of names")
-    size = data.get("image_size")
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise bad("'image_size' must be a positive integer")
-    splits = data.get("splits")
-    if not isinstance(splits, dict) or not splits:
-        raise bad("'splits' must map split names to {count, class_counts, shards}")
-    for name, split in splits.items():
-        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
-            raise bad(f"split '{name}' has no 'shards' list")
-        if not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in split["shards"]):
-            raise bad(f"split '{name}': every shard needs a 'file'")
-        count = split.get("count")
-        if not isinstance(count, int) or count < 0:
-            raise bad(f"split '{name}': 'count' must be a non-negative integer")
-        if all("count" in s for s in split["shards"]):
-            total = sum(int(s["count"]) for s in split["shards"])
-            if total != count:
-                raise bad(f"split '{name}': its shards hold {total} samples but 'count' says {count}")
 
 
 # --------------------------------------------------------------------------------------------------

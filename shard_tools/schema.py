@@ -30,13 +30,21 @@ dot (WebDataset splits a member name at its first dot): see `sample_key`.
     duplicates: [{pixel_sha256, paths: [...], split}]
 
 ``file`` is relative to the manifest's own location, so a copy of OUT served over HTTP or put in a
-bucket is still valid: readers resolve shard URLs against the URL the manifest was read from.
+bucket is still valid: readers resolve shard URLs against the URL the manifest was read from. It is a plain
+name of the packer's own pattern, ``{split}-NNNNNN.tar`` (`SHARD_FILE`): never a path, so a manifest can
+neither point a reader outside the shard folder nor smuggle shell syntax into a ``pipe:`` command.
+
+`validate_manifest` is the one check of this contract; every reader (`shard_tools.verify`,
+`cxrdist.data`, training, evaluation) calls it, so all of them accept and reject the same manifests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from typing import Any
+
+from shard_tools.errors import InputError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -65,6 +73,104 @@ def slug(text: str) -> str:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+# A shard's `file` in the manifest: the split's name, a dash, six digits, ".tar". Nothing else.
+SHARD_FILE = re.compile(r"^(train|val|test)-[0-9]{6}\.tar$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(InputError):
+    """A manifest is missing, unreadable or breaks the format; the message names the file and the entry."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_manifest(data: Any, where: str) -> dict[str, Any]:
+    """Check a parsed manifest against the format above; return it. Raises `ManifestError` naming `where`
+    (the manifest's location) and the offending entry.
+
+    Checked: format_version; classes (non-empty, unique, non-empty names); image_size; all three splits
+    and no other, each with count, class_counts (known classes, summing to count) and shards, each shard
+    with a `file` matching `SHARD_FILE` for its own split (unique), count, bytes and a sha256, the shard
+    counts summing to the split's count. Fields no reader relies on (source, command, ...) are not checked.
+    """
+
+    def bad(entry: str, problem: str) -> ManifestError:
+        return ManifestError(
+            f"{where}: {entry} {problem}. Re-create the shards with `python -m shard_tools.pack`."
+        )
+
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: not a shard manifest (expected a JSON object, got {type(data).__name__})")
+    version = data.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise bad("format_version", f"is {version!r}; this version reads {FORMAT_VERSION}")
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise bad("classes", f"must be a non-empty list of class names, got {classes!r:.80}")
+    if len(set(classes)) != len(classes):
+        raise bad("classes", f"names a class twice: {classes!r:.80}")
+    size = data.get("image_size")
+    if not _is_int(size) or size <= 0:
+        raise bad("image_size", f"must be a positive whole number of pixels, got {size!r:.40}")
+    splits = data.get("splits")
+    if not isinstance(splits, dict):
+        raise bad("splits", f"must map {', '.join(SPLITS)} to their shards, got {type(splits).__name__}")
+    unknown = sorted(set(splits) - set(SPLITS), key=str)
+    if unknown:
+        raise bad("splits", f"has unknown split(s) {unknown!r:.80}; the splits are {', '.join(SPLITS)}")
+    seen_files: set[str] = set()
+    for split in SPLITS:
+        entry = splits.get(split)
+        if not isinstance(entry, dict):
+            raise bad(f"splits.{split}", "is missing or not an object with count, class_counts and shards")
+        count = entry.get("count")
+        if not _is_int(count) or count < 0:
+            raise bad(f"splits.{split}.count", f"must be a whole number >= 0, got {count!r:.40}")
+        class_counts = entry.get("class_counts")
+        if not isinstance(class_counts, dict):
+            raise bad(f"splits.{split}.class_counts", "must map class names to image counts")
+        for name, n in class_counts.items():
+            if name not in classes:
+                raise bad(f"splits.{split}.class_counts", f"names {name!r:.60}, which is not in classes")
+            if not _is_int(n) or n < 0:
+                raise bad(f"splits.{split}.class_counts.{name}", f"must be a whole number >= 0, got {n!r:.40}")
+        if sum(class_counts.values()) != count:
+            raise bad(f"splits.{split}.class_counts", f"sum to {sum(class_counts.values())}, count is {count}")
+        shards = entry.get("shards")
+        if not isinstance(shards, list):
+            raise bad(f"splits.{split}.shards", "must be a list of shard entries")
+        total = 0
+        for i, shard in enumerate(shards):
+            at = f"splits.{split}.shards[{i}]"
+            if not isinstance(shard, dict):
+                raise bad(at, "must be an object with file, count, bytes and sha256")
+            file = shard.get("file")
+            if not isinstance(file, str) or not SHARD_FILE.match(file) or not file.startswith(f"{split}-"):
+                raise bad(
+                    f"{at}.file",
+                    f"is {file!r:.80}, not a shard name of the form {split}-NNNNNN.tar (a plain name in the "
+                    "manifest's own folder)",
+                )
+            if file in seen_files:
+                raise bad(f"{at}.file", f"{file!r} is listed twice")
+            seen_files.add(file)
+            n = shard.get("count")
+            if not _is_int(n) or n < 0:
+                raise bad(f"{at}.count", f"must be a whole number >= 0, got {n!r:.40}")
+            nbytes = shard.get("bytes")
+            if not _is_int(nbytes) or nbytes < 0:
+                raise bad(f"{at}.bytes", f"must be a whole number >= 0, got {nbytes!r:.40}")
+            sha = shard.get("sha256")
+            if not isinstance(sha, str) or not _SHA256.match(sha):
+                raise bad(f"{at}.sha256", f"must be 64 lower-case hex digits, got {sha!r:.80}")
+            total += n
+        if total != count:
+            raise bad(f"splits.{split}", f"lists shards holding {total} samples, but its count is {count}")
+    return data
 
 
 # The members of one sample, in the order pack writes them.

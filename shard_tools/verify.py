@@ -35,17 +35,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from shard_tools.images import pixel_sha256
-from shard_tools.schema import FORMAT_VERSION, MANIFEST_NAME, SAMPLE_EXTS, SPLITS
+from shard_tools.schema import MANIFEST_NAME, SAMPLE_EXTS, SPLITS, ManifestError, validate_manifest
 
 _MEMBER = re.compile(r"^([^./]+)\.([^/]+)$")  # <key>.<ext>, key without dots (WebDataset's rule)
 
 
-class ManifestError(ValueError):
-    """manifest.json is missing or unreadable; the message names the file."""
-
-
 def read_manifest(out: Path | str) -> dict[str, Any]:
-    """Load `OUT/manifest.json`, checking the fields every reader relies on. Raises `ManifestError`."""
+    """Load and validate `OUT/manifest.json` (`schema.validate_manifest`). Raises `ManifestError`."""
     path = Path(out) / MANIFEST_NAME
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -54,21 +50,8 @@ def read_manifest(out: Path | str) -> dict[str, Any]:
             f"{path} does not exist: is {out} a folder written by shard_tools.pack?"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path} cannot be read as JSON: {e}") from e
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"{path}: expected a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(
-            f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
-        )
-    for name in ("classes", "image_size", "splits"):
-        if name not in manifest:
-            raise ManifestError(f"{path}: missing {name!r}")
-    for split in SPLITS:
-        entry = manifest["splits"].get(split)
-        if not isinstance(entry, dict) or not {"count", "class_counts", "shards"} <= entry.keys():
-            raise ManifestError(f"{path}: splits.{split} needs count, class_counts and shards")
-    return manifest
+        raise ManifestError(f"{path} cannot be read as JSON: {e}") from None
+    return validate_manifest(manifest, str(path))
 
 
 def sha256_file(path: Path | str) -> str:

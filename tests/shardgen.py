@@ -54,6 +54,8 @@ def write_shards(
     rng = np.random.default_rng(seed)
     samples: dict[str, Sample] = {}
     splits = {}
+    # Every manifest lists all three splits (`schema.validate_manifest`); the ones not asked for are empty.
+    shard_sizes = {split: shard_sizes.get(split, []) for split in ("train", "val", "test")}
     for split, sizes in shard_sizes.items():
         shards = []
         class_counts = dict.fromkeys(classes, 0)

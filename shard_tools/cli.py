@@ -1,0 +1,92 @@
+"""What every command line of shard_tools and cxrdist shares: one-line messages, exit codes, argument types.
+
+A command is ``def main(argv) -> int`` wrapped by `run_main`, which turns the project's errors
+(`shard_tools.errors`) into one line on stderr and the exit code of the README's table, Ctrl-C into 130
+and SIGTERM into 143, never into a traceback. An unexpected exception still shows its traceback: that is
+a bug to report, not a message to polish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+
+from shard_tools.errors import CxrdistError, Terminated, exit_code_for
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)  # paths stay on one line in logs
+
+
+def print_problem(
+    message: object, label: str = "error", style: str = "red", console: Console | None = None
+) -> None:
+    """`label: message` on stderr (or `console`), printed literally: paths and '[train]' are not markup."""
+    console = console or stderr_console()
+    console.print(f"[{style}]{escape(label)}:[/{style}] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` in the main thread, so `finally` and `except
+    BaseException` clean-up runs as it does for Ctrl-C (a temporary folder is removed, not left behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum, _frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_main(
+    main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, *, label: str = "error"
+) -> int:
+    """Run a command's `main(argv)` and return its exit code, mapping the project's errors (see module
+    docstring). Use as ``sys.exit(run_main(main))``."""
+    try:
+        with sigterm_raises():
+            return main(argv)
+    except CxrdistError as e:
+        print_problem(e, label)
+        return exit_code_for(e)
+    except KeyboardInterrupt as e:
+        print_problem("interrupted (Ctrl-C); nothing half-written was left behind", "stopped", "yellow")
+        return exit_code_for(e)
+    except Terminated as e:
+        print_problem("stopped by SIGTERM; nothing half-written was left behind", "stopped", "yellow")
+        return exit_code_for(e)
+
+
+# ----------------------------------------------------------------------------------- argument types
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size, a count)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (worker processes, resamples; 0 = off or none)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    return value

@@ -1,0 +1,52 @@
+"""The errors every command of shard_tools and cxrdist raises on purpose, and the exit codes they map to.
+
+Exit codes (README, "Exit codes"), the same for every command:
+
+    0    done
+    1    the run failed (a shard went bad mid-read, a disk filled up, a rank died)
+    2    bad input or usage: a recipe, an option, a manifest, a file the user gave; change it and retry
+    130  interrupted by Ctrl-C (SIGINT)
+    143  stopped by SIGTERM (scancel, a spot-instance notice, kill)
+
+Every project error derives from `CxrdistError`; errors about what the user gave derive from `InputError`.
+The class decides the exit code (`exit_code_for`), so the same error exits alike from every command. The
+message is the whole story: one line that names the file or key and says what to do.
+"""
+
+from __future__ import annotations
+
+import signal
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 128 + signal.SIGINT  # 130
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+
+
+class CxrdistError(Exception):
+    """Base of every error the project raises on purpose. Exit code 1: the run failed."""
+
+    exit_code = EXIT_FAILED
+
+
+class InputError(CxrdistError):
+    """The input, an option or a file the user gave is wrong; changing it fixes the run. Exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by `shard_tools.cli.sigterm_raises` (a BaseException, like
+    KeyboardInterrupt, so that `except Exception` clean-up code does not swallow it)."""
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The exit code of the README's table for an error that ended a command."""
+    if isinstance(error, CxrdistError):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_SIGINT
+    if isinstance(error, Terminated):
+        return EXIT_SIGTERM
+    return EXIT_FAILED
