@@ -25,9 +25,7 @@ from cxrdist.augment import eval_transform
 from cxrdist.evaluate import load_trained_model
 from cxrdist.models import ModelError
 from cxrdist.report import print_problem
-from shard_tools.images import ImageError, load_gray
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+from shard_tools.images import IMAGE_SUFFIXES, ImageError, load_gray
 
 
 def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:

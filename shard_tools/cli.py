@@ -29,7 +29,9 @@ def print_problem(
 ) -> None:
     """`label: message` on stderr (or `console`), printed literally: paths and '[train]' are not markup."""
     console = console or stderr_console()
-    console.print(f"[{style}]{escape(label)}:[/{style}] {escape(str(message))}", highlight=False, soft_wrap=True)
+    console.print(
+        f"[{style}]{escape(label)}:[/{style}] {escape(str(message))}", highlight=False, soft_wrap=True
+    )
 
 
 @contextlib.contextmanager

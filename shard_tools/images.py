@@ -34,6 +34,9 @@ MAX_PIXELS = 8192 * 8192
 
 RESAMPLE = Image.Resampling.LANCZOS
 
+# The files `pack` reads from a class folder and `predict` / `explain` find in a folder (lower case).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
 
 class ImageError(ValueError):
     """A file could not be decoded as an image. The message names the file and why.

@@ -56,6 +56,7 @@ from rich.progress import (
 )
 
 from shard_tools import __version__, images
+from shard_tools.images import IMAGE_SUFFIXES
 from shard_tools.schema import (
     CLASSES,
     FORMAT_VERSION,
@@ -68,7 +69,6 @@ from shard_tools.schema import (
 )
 from shard_tools.verify import summary_table
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
 _TAR_BLOCK = tarfile.BLOCKSIZE  # 512
 _TAR_RECORD = tarfile.RECORDSIZE  # a tar file is padded to a multiple of this

@@ -104,7 +104,9 @@ def validate_manifest(data: Any, where: str) -> dict[str, Any]:
         )
 
     if not isinstance(data, dict):
-        raise ManifestError(f"{where}: not a shard manifest (expected a JSON object, got {type(data).__name__})")
+        raise ManifestError(
+            f"{where}: not a shard manifest (expected a JSON object, got {type(data).__name__})"
+        )
     version = data.get("format_version")
     if not _is_int(version) or version != FORMAT_VERSION:
         raise bad("format_version", f"is {version!r}; this version reads {FORMAT_VERSION}")
@@ -137,9 +139,13 @@ def validate_manifest(data: Any, where: str) -> dict[str, Any]:
             if name not in classes:
                 raise bad(f"splits.{split}.class_counts", f"names {name!r:.60}, which is not in classes")
             if not _is_int(n) or n < 0:
-                raise bad(f"splits.{split}.class_counts.{name}", f"must be a whole number >= 0, got {n!r:.40}")
+                raise bad(
+                    f"splits.{split}.class_counts.{name}", f"must be a whole number >= 0, got {n!r:.40}"
+                )
         if sum(class_counts.values()) != count:
-            raise bad(f"splits.{split}.class_counts", f"sum to {sum(class_counts.values())}, count is {count}")
+            raise bad(
+                f"splits.{split}.class_counts", f"sum to {sum(class_counts.values())}, count is {count}"
+            )
         shards = entry.get("shards")
         if not isinstance(shards, list):
             raise bad(f"splits.{split}.shards", "must be a list of shard entries")

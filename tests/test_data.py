@@ -21,8 +21,8 @@ from cxrdist.data import (
     to_device,
     train_batches,
 )
-
 from shard_tools.schema import ManifestError
+
 from shardgen import write_shards
 
 TRAIN_SHARDS = [3, 17, 5]  # unequal on purpose
