@@ -195,3 +195,18 @@ def load_model_files(model_dir: Path) -> tuple[dict[str, torch.Tensor], ModelMet
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ArtifactError(f"{model_dir / MODEL_FILE}: cannot read weights ({e})") from None
     return weights, meta
+
+
+def load_trained_model(run_or_model: str | Path, device: torch.device) -> tuple[torch.nn.Module, ModelMeta]:
+    """The model of a run's `best/` (or of a model.safetensors + meta.json directory), in eval mode."""
+    from cxrdist.config import ModelConfig
+    from cxrdist.models import create_model
+
+    model_dir = find_model_dir(run_or_model)
+    weights, meta = load_model_files(model_dir)
+    model = create_model(ModelConfig(name=meta.model_name, in_chans=meta.in_chans), len(meta.classes))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{model_dir}: weights do not fit model '{meta.model_name}': {e}") from None
+    return model.to(device).eval(), meta

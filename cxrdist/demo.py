@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from cxrdist.artifacts import load_trained_model
 from cxrdist.config import ConfigError, load_config
-from cxrdist.evaluate import load_trained_model
 from cxrdist.explain import explain_shards, print_summary
 from cxrdist.report import print_metrics_table, print_problem
 

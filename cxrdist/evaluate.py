@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from cxrdist.artifacts import ArtifactError, ModelMeta, atomic_write_json, find_model_dir, load_model_files
+from cxrdist.artifacts import ArtifactError, ModelMeta, atomic_write_json, find_model_dir, load_trained_model
 from cxrdist.augment import eval_transform
-from cxrdist.config import ModelConfig
 from cxrdist.data import DataError, Manifest, eval_batches, read_manifest, to_device
 from cxrdist.metrics import all_reduce_sum, confusion_matrix, gather_rows, summarize
-from cxrdist.models import ModelError, create_model
+from cxrdist.models import ModelError
 from cxrdist.plots import plot_confusion
 from cxrdist.report import print_metrics_table, print_problem
 
@@ -117,18 +116,6 @@ def evaluate_split(
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-
-
-def load_trained_model(run_or_model: str | Path, device: torch.device) -> tuple[torch.nn.Module, ModelMeta]:
-    """The model of a run's `best/` (or of a model.safetensors + meta.json directory), in eval mode."""
-    model_dir = find_model_dir(run_or_model)
-    weights, meta = load_model_files(model_dir)
-    model = create_model(ModelConfig(name=meta.model_name, in_chans=meta.in_chans), len(meta.classes))
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise ArtifactError(f"{model_dir}: weights do not fit model '{meta.model_name}': {e}") from None
-    return model.to(device).eval(), meta
 
 
 def check_compatible(meta: ModelMeta, manifest: Manifest) -> None:

@@ -24,10 +24,10 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
-from cxrdist.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json
+from cxrdist.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json, load_trained_model
 from cxrdist.augment import eval_transform
 from cxrdist.data import DataError, eval_batches, read_manifest
-from cxrdist.evaluate import EvalError, check_compatible, load_trained_model
+from cxrdist.evaluate import EvalError, check_compatible
 from cxrdist.models import ModelError, gradcam_target_layer
 from cxrdist.predict import find_images
 from cxrdist.report import print_problem

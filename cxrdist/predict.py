@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from cxrdist.artifacts import ArtifactError
+from cxrdist.artifacts import ArtifactError, load_trained_model
 from cxrdist.augment import eval_transform
-from cxrdist.evaluate import load_trained_model
 from cxrdist.models import ModelError
 from cxrdist.report import print_problem
 from shard_tools.images import IMAGE_SUFFIXES, ImageError, load_gray
