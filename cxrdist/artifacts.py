@@ -1,16 +1,14 @@
 """Files a run leaves behind: atomic writes, provenance, and the exported model (`best/`).
 
-Everything here writes to a temporary name in the target's own directory and renames it into place, so a
+Writes go through `shard_tools.files` (a temporary name in the target's own folder, then a rename), so a
 crash or a full disk never leaves a half-written file that looks complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,65 +17,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cxrdist
+from shard_tools.errors import CxrdistError, InputError
+from shard_tools.files import atomic_write_bytes, atomic_write_json, replace_dir, staging_dir  # noqa: F401 TODO(plots) transitional
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 
 
-class ArtifactError(RuntimeError):
-    """A model directory or run directory is missing, incomplete or unwritable."""
+class ArtifactError(CxrdistError):
+    """A model or run directory cannot be written (disk full, no permission). Exit 1."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written `tmp_dir` to `final_dir`, replacing any previous one.
-
-    The old directory is renamed aside first and removed only after the new one is in place, so at every
-    instant either the old or the new complete directory exists under (or beside) the final name.
-    """
-    final_dir = Path(final_dir)
-    old = final_dir.with_name(f".{final_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final_dir.exists():
-        os.replace(final_dir, old)
-    try:
-        os.replace(tmp_dir, final_dir)
-    except BaseException:
-        if old.exists() and not final_dir.exists():
-            os.replace(old, final_dir)  # put the previous directory back
-        raise
-    if old.exists():
-        shutil.rmtree(old)
+class ModelDirError(InputError):
+    """The model or run directory given is missing, incomplete or unreadable. Exit 2."""
 
 
 def git_commit() -> str:
@@ -132,7 +84,7 @@ class ModelMeta:
                 data=data,
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{source}: not a cxrdist meta.json (missing or bad field {e})") from None
+            raise ModelDirError(f"{source}: not a cxrdist meta.json (missing or bad field {e})") from None
 
 
 def export_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: Path) -> None:
@@ -144,15 +96,11 @@ def export_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], out_
     out_dir = Path(out_dir)
     tmp = None
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 directories
+        tmp = staging_dir(out_dir)
         # safetensors wants contiguous, unshared tensors; channels_last weights are not contiguous.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        with open(tmp / META_FILE, "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.write("\n")
+        atomic_write_json(tmp / META_FILE, meta)
         replace_dir(tmp, out_dir)
     except BaseException as e:
         if tmp is not None:
@@ -176,24 +124,26 @@ def find_model_dir(run_or_model: str | Path) -> Path:
         if (candidate / MODEL_FILE).is_file() and (candidate / META_FILE).is_file():
             return candidate
     if not path.exists():
-        raise ArtifactError(f"{path}: no such run or model directory")
-    raise ArtifactError(
+        raise ModelDirError(f"{path}: no such run or model directory")
+    raise ModelDirError(
         f"{path}: no {MODEL_FILE} + {META_FILE} here or in {path / 'best'}. Pass a run directory that "
         "finished at least one epoch, or a directory holding both files."
     )
 
 
 def load_model_files(model_dir: Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
+    """The weights and meta.json of a model directory. Raises `ModelDirError` naming the bad file."""
     model_dir = Path(model_dir)
-    with open(model_dir / META_FILE) as f:
-        try:
-            meta = ModelMeta.from_dict(json.load(f), str(model_dir / META_FILE))
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{model_dir / META_FILE}: not valid JSON ({e})") from None
+    try:
+        meta = ModelMeta.from_dict(
+            json.loads((model_dir / META_FILE).read_text()), str(model_dir / META_FILE)
+        )
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{model_dir / META_FILE}: cannot be read as JSON ({e})") from None
     try:
         weights = load_file(str(model_dir / MODEL_FILE))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ArtifactError(f"{model_dir / MODEL_FILE}: cannot read weights ({e})") from None
+        raise ModelDirError(f"{model_dir / MODEL_FILE}: cannot read weights ({e})") from None
     return weights, meta
 
 
@@ -208,5 +158,6 @@ def load_trained_model(run_or_model: str | Path, device: torch.device) -> tuple[
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"{model_dir}: weights do not fit model '{meta.model_name}': {e}") from None
+        detail = " ".join(str(e).split())[:400]  # torch's message spans lines; one line here
+        raise ModelDirError(f"{model_dir}: weights do not fit model '{meta.model_name}': {detail}") from None
     return model.to(device).eval(), meta

@@ -14,14 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shard_tools.errors import InputError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A recipe or override is invalid. The message names the source, the key and what is allowed."""
+
+    label = "config error"
 
 
 def _choice(default: str, *choices: str) -> Any:
@@ -42,7 +46,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    shards: str = ""  # directory or http(s) URL holding manifest.json
+    # Folder or http(s) URL holding manifest.json, or "pipe:CMD": a shell command printing the manifest
+    # (it runs as you, like any command you type; shard names from the manifest are checked and quoted).
+    shards: str = ""
     num_workers: int = _at_least(2, 0)  # loader worker processes per rank
     shuffle_buffer: int = _at_least(2000, 0)  # samples per worker shuffle buffer
     cache: str = _choice("none", "none", "device")  # "device": whole split as uint8 on the device
@@ -56,7 +62,7 @@ class AugmentConfig:
     enabled: bool = True
     rotation_degrees: float = _at_least(10.0, 0.0)  # uniform in [-d, +d]
     hflip_prob: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
-    crop_scale: tuple[float, ...] = (1.0, 1.0)  # random-resized-crop area range; (1, 1) = off
+    crop_scale: tuple[float, ...] = (1.0, 1.0)  # random-resized-crop area range [lo, hi]; [1, 1] = off
     brightness: float = _at_least(0.0, 0.0)  # multiplicative, uniform in [1-b, 1+b]
     contrast: float = _at_least(0.0, 0.0)  # around the image mean, uniform in [1-c, 1+c]
 
@@ -66,14 +72,22 @@ class ModelConfig:
     name: str = "resnet18"  # "seed_cnn" or any timm model name
     pretrained: bool = False  # ImageNet weights: from pretrained_file if set, else the hub
     pretrained_file: str = ""  # local .pth / .safetensors state dict (timm layout); head is replaced
-    in_chans: int = field(default=3, metadata={"choices": (1, 3)})
+    # Input channels: 1 (gray) or 3 (gray replicated, as the study). 0 = auto: 1 for seed_cnn, whose
+    # unpadded first convolution computes exactly the same function on one channel (3x fewer
+    # multiply-adds), 3 for timm models (padding makes replication matter; ImageNet stems expect 3).
+    in_chans: int = field(default=0, metadata={"choices": (0, 1, 3)})
     drop_rate: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = _choice("adamw", "sgd", "adam", "adamw")
-    lr: float = field(default=1e-3, metadata={"min": 0.0, "exclusive_min": True})  # peak LR
+    lr: float = field(default=1e-3, metadata={"min": 0.0, "exclusive_min": True})  # peak LR (see below)
+    # `lr` is tuned for a global batch of lr_base_batch images; on another global batch (more ranks) it is
+    # scaled by lr_scaling: "linear", "sqrt", or "auto" (linear for SGD, sqrt for Adam/AdamW, as timm).
+    # 0 = no scaling: lr is used as written. See cxrdist/optim.py.
+    lr_base_batch: int = _at_least(0, 0)
+    lr_scaling: str = _choice("auto", "auto", "linear", "sqrt")
     momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})  # SGD only
     weight_decay: float = _at_least(0.0, 0.0)
     schedule: str = _choice("constant", "constant", "cosine")  # cosine is stepped per optimizer step
@@ -174,6 +188,19 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], where: str) -> Non
         raise ConfigError(f"{where}: must be <= {meta['max']}, got {value!r}")
 
 
+def _check_augment(cfg: AugmentConfig, source: str) -> None:
+    lo_hi = cfg.crop_scale
+    if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
+        raise ConfigError(
+            f"{source}: [augment] crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1 (area fractions; "
+            f"[1.0, 1.0] = no crop), got {list(lo_hi)}"
+        )
+
+
+# Checks that involve more than one value of a key, run once the section is built.
+_SECTION_CHECKS = {"augment": _check_augment}
+
+
 def _build_section(cls: type, values: dict[str, Any], source: str, section: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -186,7 +213,10 @@ def _build_section(cls: type, values: dict[str, Any], source: str, section: str)
         typed = _coerce(value, hints[key], where)
         _check_bounds(typed, fields[key].metadata, where)
         kwargs[key] = typed
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if section in _SECTION_CHECKS:
+        _SECTION_CHECKS[section](built, source)
+    return built
 
 
 def _parse_override(item: str) -> tuple[str, str, Any]:

@@ -8,11 +8,10 @@ Data contract of every loader here (host side, before `to_device`):
 - labels: ``torch.int64`` ``(B,)``, ids into ``manifest.classes`` (``classes[i]`` has label ``i``).
 - keys (evaluation only): ``list[str]`` of the samples' WebDataset keys, unique within a dataset.
 
-Shards are read from local paths, ``http://`` / ``https://`` URLs (Python's urllib, no curl needed; a
-dropped connection continues with a Range request, see `_HTTPStream`) or ``pipe:`` shell commands whose
-stdout is the tar (``pipe:aws s3 cp s3://bucket/x/train-000000.tar -``).
-The manifest says which shards make up a split; `read_manifest` resolves their names against the place
-the manifest was read from, so a copy of the shard folder works the same on disk, over HTTP or in a bucket.
+Shards are byte streams from `cxrdist.streams`: local paths, ``http(s)://`` URLs, ``pipe:`` commands. The
+manifest says which shards make up a split; `read_manifest` validates it (`shard_tools.schema`) and
+resolves shard names against the place it was read from, so a copy of the shard folder works the same on
+disk, over HTTP or in a bucket.
 
 Distribution is explicit (rank and world size are plain arguments; nothing here imports Accelerate):
 
@@ -28,8 +27,6 @@ and broadcast it (dispatch mode) or split the already split stream again and sil
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import io
 import json
 import logging
@@ -37,17 +34,11 @@ import math
 import os
 import random
 import signal
-import subprocess
 import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,218 +47,11 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from shard_tools.errors import CxrdistError
-from shard_tools.schema import MANIFEST_NAME, ManifestError, validate_manifest
+from cxrdist.rng import derive_seed
+from cxrdist.streams import DataError, manifest_location, open_url, shard_url
+from shard_tools.schema import ManifestError, validate_manifest
 
 log = logging.getLogger(__name__)
-
-HTTP_TIMEOUT_S = 60  # per connect / read; a stalled server fails the run instead of hanging it
-# A dropped or failed http(s) request is retried, continuing where the data stopped, after 1, 2, 4, 8 s.
-# HTTP_ATTEMPTS counts consecutive attempts that deliver no new byte; then the run fails naming the URL.
-HTTP_ATTEMPTS = 5
-HTTP_BACKOFF_S = 1.0  # delay before the first retry; doubles with each further one
-
-
-class DataError(CxrdistError):
-    """Shards cannot be read, or do not hold what their manifest says. The message names them.
-
-    (A manifest that is missing or breaks the format is a `shard_tools.schema.ManifestError`.)"""
-
-
-# --------------------------------------------------------------------------------------------------
-# Opening local files, URLs and pipe: commands
-
-
-def _is_http(url: str) -> bool:
-    return url.startswith(("http://", "https://"))
-
-
-def _is_pipe(url: str) -> bool:
-    return url.startswith("pipe:")
-
-
-class _PipeStream(io.RawIOBase):
-    """stdout of a ``pipe:`` shell command as a readable stream.
-
-    Reaching EOF checks the exit status, so a failed ``aws s3 cp`` is an error rather than a short shard.
-    Closing early (the training loader stops mid-shard at the end of an epoch) ends the command quietly.
-    Our own class rather than webdataset's `Pipe`, whose close raises on the SIGPIPE such an early stop
-    causes.
-    """
-
-    def __init__(self, url: str):
-        super().__init__()
-        self.url = url
-        # A session of its own, so that closing early can end the whole command, not only the shell.
-        self.proc = subprocess.Popen(
-            url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, start_new_session=True
-        )
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self.proc.stdout.readinto(buffer)
-        if n == 0 and self.proc.wait() != 0:
-            raise DataError(f"{self.url}: the command exited with status {self.proc.returncode}")
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            self.proc.stdout.close()
-            if self.proc.poll() is None:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            self.proc.wait()
-        super().close()
-
-
-class _HTTPStream(io.RawIOBase):
-    """The body of an http(s) URL that survives dropped connections and server errors.
-
-    A connection that breaks mid-body (reset, timeout, or fewer bytes than Content-Length) is reopened
-    with ``Range: bytes=<offset>-``, so the reader (a tar parser) continues at the byte where it stopped:
-    restarting from byte 0 would repeat samples. A server that ignores Range (200 instead of 206) is read
-    from the start again, discarding the bytes already delivered. If the resource changed in between
-    (another ETag, Last-Modified or size), continuing would splice two files, so that is an error.
-
-    Retries wait `HTTP_BACKOFF_S`, doubling; after `HTTP_ATTEMPTS` consecutive attempts without a new
-    byte, `DataError` names the URL, the byte offset and the last error. 4xx answers fail at once.
-    """
-
-    def __init__(self, url: str):
-        super().__init__()
-        self.url = url
-        self.offset = 0  # bytes delivered to the reader
-        self.size: int | None = None  # the whole body, when the server said (Content-Length)
-        self.version: tuple[str | None, str | None] | None = None  # (ETag, Last-Modified)
-        self.failures = 0  # consecutive failed attempts since the last new byte
-        self.resp: Any = None
-        self._connect()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while True:
-            if self.resp is None:
-                self._connect()
-            try:
-                n = self.resp.readinto(buffer)
-            except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-                error: Exception = e
-            else:
-                if n or len(buffer) == 0:
-                    self.offset += n
-                    self.failures = 0
-                    return n
-                if self.size is None or self.offset >= self.size:
-                    return 0  # the end of the body
-                error = http.client.IncompleteRead(b"", self.size - self.offset)
-            self._drop()
-            self._failed(error)
-
-    def close(self) -> None:
-        self._drop()
-        super().close()
-
-    def _drop(self) -> None:
-        if self.resp is not None:
-            self.resp.close()
-            self.resp = None
-
-    def _failed(self, error: Exception) -> None:
-        """Count a failed attempt; wait before the next one, or give up with the URL named."""
-        self.failures += 1
-        where = f"at byte {self.offset}" + (f" of {self.size}" if self.size is not None else "")
-        if self.failures >= HTTP_ATTEMPTS:
-            raise DataError(
-                f"{self.url}: failed {self.failures} times in a row {where}; last error: {error!r}. "
-                "Check the server or the network, then run again (training continues with --resume)."
-            ) from error
-        delay = HTTP_BACKOFF_S * 2 ** (self.failures - 1)
-        log.warning("%s: %r %s; retrying in %.3g s", self.url, error, where, delay)
-        time.sleep(delay)
-
-    def _connect(self) -> None:
-        """Open the URL positioned at `self.offset`, retrying as the class docstring says."""
-        while True:
-            headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
-            try:
-                resp = urllib.request.urlopen(
-                    urllib.request.Request(self.url, headers=headers), timeout=HTTP_TIMEOUT_S
-                )
-            except urllib.error.HTTPError as e:
-                if e.code < 500 and e.code not in (408, 429):  # 404, 403: retrying will not help
-                    raise DataError(f"{self.url}: HTTP {e.code} {e.reason}") from None
-                self._failed(e)
-                continue
-            except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
-                self._failed(e)
-                continue
-            try:
-                self._position(resp)
-            except (OSError, http.client.HTTPException) as e:  # dropped while skipping
-                resp.close()
-                self._failed(e)
-                continue
-            except BaseException:
-                resp.close()
-                raise
-            self.resp = resp
-            return
-
-    def _position(self, resp: Any) -> None:
-        """Check that `resp` continues the same body at `self.offset`; skip ahead if it starts at 0."""
-        version = (resp.headers.get("ETag"), resp.headers.get("Last-Modified"))
-        if resp.status == 206:
-            first, total = _content_range(resp.headers.get("Content-Range", ""))
-            if first != self.offset:
-                raise DataError(f"{self.url}: asked for bytes from {self.offset}, got bytes from {first}")
-        else:
-            total, first = resp.length, 0
-        if self.version is None:  # the first answer
-            self.version, self.size = version, total
-            return
-        if version != self.version or (None not in (total, self.size) and total != self.size):
-            raise DataError(
-                f"{self.url}: changed on the server while being read (ETag, Last-Modified or size "
-                "differ); run again once the upload is complete"
-            )
-        todo = self.offset - first  # the server ignored Range: read past the bytes already delivered
-        while todo > 0:
-            chunk = resp.read(min(todo, 1 << 20))
-            if not chunk:
-                raise http.client.IncompleteRead(b"", todo)
-            todo -= len(chunk)
-
-
-def _content_range(value: str) -> tuple[int, int | None]:
-    """``bytes 100-999/1000`` -> (100, 1000); the total is None when the server wrote ``*``."""
-    try:
-        unit, _, spec = value.strip().partition(" ")
-        span, _, total = spec.partition("/")
-        if unit != "bytes":
-            raise ValueError(value)
-        return int(span.split("-")[0]), None if total == "*" else int(total)
-    except ValueError:
-        raise http.client.HTTPException(f"bad Content-Range {value!r}") from None
-
-
-def open_url(url: str) -> BinaryIO:
-    """Open a local path, ``file://``, ``http(s)://`` URL or ``pipe:`` command for binary reading."""
-    if _is_pipe(url):
-        return io.BufferedReader(_PipeStream(url), buffer_size=1 << 20)
-    if _is_http(url):
-        return io.BufferedReader(_HTTPStream(url), buffer_size=1 << 20)
-    path = urllib.parse.urlparse(url).path if url.startswith("file://") else url
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{url}: {e.strerror}") from None
-
 
 # --------------------------------------------------------------------------------------------------
 # The manifest
@@ -294,7 +78,7 @@ class Manifest:
 
     def shard_urls(self, split: str) -> list[str]:
         """The split's shards in manifest order: local paths, http(s) URLs or ``pipe:`` commands."""
-        return [_resolve(self.source, shard["file"]) for shard in self._split(split)["shards"]]
+        return [shard_url(self.source, shard["file"]) for shard in self._split(split)["shards"]]
 
     def count(self, split: str) -> int:
         """Number of samples in the split."""
@@ -306,43 +90,6 @@ class Manifest:
         return [int(counts.get(name, 0)) for name in self.classes]
 
 
-def _resolve(manifest_location: str, file: str) -> str:
-    """Where shard `file` (relative to the manifest) lives, in the manifest's own kind of location."""
-    if _is_http(manifest_location):
-        return urllib.parse.urljoin(manifest_location, file)
-    if _is_pipe(manifest_location):
-        # "pipe:aws s3 cp s3://b/x/manifest.json -" -> "pipe:aws s3 cp s3://b/x/train-000000.tar -"
-        head, _, tail = manifest_location.rpartition(MANIFEST_NAME)
-        return head + file + tail
-    return str(Path(manifest_location).parent / file)
-
-
-def _manifest_location(source: str) -> str:
-    source = source.strip()
-    if _is_pipe(source):
-        if MANIFEST_NAME not in source:
-            raise ManifestError(
-                f"{source}: a pipe: manifest command must name '{MANIFEST_NAME}', so that shard commands "
-                f"can be made by replacing it with each shard's name"
-            )
-        return source
-    if _is_http(source):
-        if urllib.parse.urlparse(source).path.endswith(".json"):
-            return source
-        return source.rstrip("/") + "/" + MANIFEST_NAME
-    if source.startswith("file://"):
-        source = urllib.parse.urlparse(source).path
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(
-            f"{source}: no {MANIFEST_NAME} found. Point data.shards at the folder made by "
-            "`python -m shard_tools.pack`, or at its manifest.json"
-        )
-    return str(path.resolve())
-
-
 def read_manifest(source: str) -> Manifest:
     """Read and check a manifest.
 
@@ -350,7 +97,7 @@ def read_manifest(source: str) -> Manifest:
     command printing the manifest (``pipe:aws s3 cp s3://bucket/x/manifest.json -``).
     Raises `DataError` naming the source when it is missing, not JSON or not format version 1.
     """
-    location = _manifest_location(source)
+    location = manifest_location(source)
     try:
         with open_url(location) as f:
             raw = f.read()
@@ -376,14 +123,15 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _seed(*parts: object) -> int:
-    """A 64-bit seed from its parts, identical in every process (unlike `hash`, which is salted)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
 def _wanted(fname: str) -> bool:
     return not fname.endswith(".json")  # provenance: not needed to train or evaluate, so not read
+
+
+def _reason(e: BaseException) -> str:
+    """An exception's own message. webdataset appends the stream and the URL to `args`, so `str(e)` would
+    print a Python tuple; the URL is in our message already."""
+    first = e.args[0] if e.args else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _raw_samples(urls: Iterable[str]) -> Iterator[dict]:
@@ -394,8 +142,10 @@ def _raw_samples(urls: Iterable[str]) -> Iterator[dict]:
             yield from group_by_keys(
                 tar_file_expander([{"url": url, "stream": stream}], select_files=_wanted)
             )
-        except Exception as e:  # tar, network (IncompleteRead is no OSError), pipe: all name the shard
-            raise DataError(f"shard {url}: cannot read it: {e}") from e
+        except DataError:
+            raise  # from the stream itself (HTTP, pipe): already names the URL
+        except Exception as e:  # tar, network (IncompleteRead is no OSError): all name the shard
+            raise DataError(f"shard {url}: cannot read it ({_reason(e)}): truncated or corrupt?") from e
         finally:
             stream.close()
 
@@ -541,7 +291,7 @@ class _TrainStream(IterableDataset):
         # the whole shard, so every sample is equally likely whatever the shard sizes. Its default seed
         # mixes in the pid and the clock; ours makes the draws a function of `ident`.
         shards = wds.ResampledShards(
-            self.urls, seed=_seed("shards", *ident), worker_seed=_no_worker_seed, deterministic=True
+            self.urls, seed=derive_seed("shards", *ident), worker_seed=_no_worker_seed, deterministic=True
         )
         items = _decoded(
             _raw_samples(shard["url"] for shard in shards),
@@ -551,7 +301,9 @@ class _TrainStream(IterableDataset):
         )
         needed = my_steps * self.batch_size
         if self.shuffle_buffer > 0:
-            items = _shuffled(items, self.shuffle_buffer, random.Random(_seed("buffer", *ident)), needed)
+            items = _shuffled(
+                items, self.shuffle_buffer, random.Random(derive_seed("buffer", *ident)), needed
+            )
         try:
             for images, labels, _keys in _batches(islice(items, needed), self.batch_size, partial=False):
                 yield images, labels
@@ -834,7 +586,7 @@ class DeviceCache:
         perms = []
         for j in range(math.ceil(total / n) if n else 0):
             g = torch.Generator(device=device)
-            g.manual_seed(_seed("cache", seed, epoch, j) % (2**63))
+            g.manual_seed(derive_seed("cache", seed, epoch, j))
             perms.append(torch.randperm(n, generator=g, device=device))
         order = torch.cat(perms) if perms else torch.zeros(0, dtype=torch.int64, device=device)
         for step in range(steps):

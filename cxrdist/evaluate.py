@@ -21,17 +21,18 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from cxrdist.artifacts import ArtifactError, ModelMeta, atomic_write_json, find_model_dir, load_trained_model
+from cxrdist.artifacts import ModelMeta, find_model_dir, load_trained_model
 from cxrdist.augment import eval_transform
-from cxrdist.data import DataError, Manifest, eval_batches, read_manifest, to_device
+from cxrdist.cli import add_batching, add_model, check_writable_file
+from cxrdist.data import Manifest, eval_batches, read_manifest, to_device
 from cxrdist.metrics import all_reduce_sum, confusion_matrix, gather_rows, summarize
-from cxrdist.models import ModelError
-from cxrdist.plots import plot_confusion
-from cxrdist.report import print_metrics_table, print_problem
+from shard_tools.cli import run_main
+from shard_tools.errors import CxrdistError, InputError
+from shard_tools.files import atomic_write_json
 
 
-class EvalError(RuntimeError):
-    """The evaluation did not see exactly the samples the manifest lists."""
+class EvalError(CxrdistError):
+    """The evaluation did not see exactly the samples the manifest lists. Exit 1."""
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,13 @@ def evaluate_split(
 def check_compatible(meta: ModelMeta, manifest: Manifest) -> None:
     """A model is only ever evaluated with the class order and image size it was trained on."""
     if tuple(meta.classes) != tuple(manifest.classes):
-        raise EvalError(
+        raise InputError(
             f"the model was trained on classes {list(meta.classes)} but the shards at {manifest.source} "
             f"list {list(manifest.classes)}: labels would be misread. Evaluate on shards packed with the "
             "same classes (shard_tools.pack --classes)."
         )
     if meta.image_size != manifest.image_size:
-        raise EvalError(
+        raise InputError(
             f"the model was trained at {meta.image_size} px but the shards at {manifest.source} are "
             f"{manifest.image_size} px. Pack them with --size {meta.image_size}."
         )
@@ -139,15 +140,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Exact per-class evaluation of a trained model on one split of packed shards. "
         "Runs alone or under `accelerate launch` with any number of processes, with identical results.",
     )
-    p.add_argument(
-        "model", help="run directory (uses best/) or a directory with model.safetensors + meta.json"
-    )
+    add_model(p)
     p.add_argument("--shards", required=True, help="directory or http(s) URL holding manifest.json")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", type=Path, help="metrics JSON to write (default: MODEL/eval_<split>.json)")
     p.add_argument("--tta", action="store_true", help="average predictions over the image and its mirror")
-    p.add_argument("--batch-size", type=int, default=128, help="images per process per batch")
-    p.add_argument("--num-workers", type=int, default=2, help="loader processes per rank")
+    add_batching(p, batch_size=128, workers=2)
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     return p.parse_args(argv)
 
@@ -155,29 +153,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
+    from cxrdist.plots import plot_confusion
+    from cxrdist.report import print_metrics_table  # TODO(tables)
+
     args = parse_args(argv)
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise InputError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    out = args.out or find_model_dir(args.model) / f"eval_{args.split}.json"
+    check_writable_file(out)  # before the evaluation, so a long one is never thrown away
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only hosts: gloo ranks
-    err = Console(stderr=True, soft_wrap=True)
-    try:
-        model, meta = load_trained_model(args.model, state.device)
-        manifest = read_manifest(args.shards)
-        check_compatible(meta, manifest)
-        settings = EvalSettings(
-            device=state.device,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            in_chans=meta.in_chans,
-            autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision),
-            tta_hflip=args.tta,
-        )
-        metrics = evaluate_split(
-            model, manifest, args.split, settings, rank=state.process_index, world_size=state.num_processes
-        )
-    except (ArtifactError, DataError, EvalError, ModelError) as e:
-        print_problem(err, e)
-        return 1
+    model, meta = load_trained_model(args.model, state.device)
+    manifest = read_manifest(args.shards)
+    check_compatible(meta, manifest)
+    settings = EvalSettings(
+        device=state.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        in_chans=meta.in_chans,
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision),
+        tta_hflip=args.tta,
+    )
+    metrics = evaluate_split(
+        model, manifest, args.split, settings, rank=state.process_index, world_size=state.num_processes
+    )
     if state.is_main_process:
-        out = args.out or find_model_dir(args.model) / f"eval_{args.split}.json"
         result = {
             **metrics,
             "split": args.split,
@@ -196,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         print_metrics_table(
             metrics, manifest.classes, console, title=f"{args.split} split of {manifest.source}"
         )
-        console.print(f"wrote {out}" + (f" and {png}" if png else ""), highlight=False)
+        console.print(f"wrote {out} and {png}", highlight=False)
     state.wait_for_everyone()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -24,13 +24,15 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
-from cxrdist.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json, load_trained_model
+from cxrdist.artifacts import load_trained_model
 from cxrdist.augment import eval_transform
-from cxrdist.data import DataError, eval_batches, read_manifest
-from cxrdist.evaluate import EvalError, check_compatible
-from cxrdist.models import ModelError, gradcam_target_layer
-from cxrdist.predict import find_images
-from cxrdist.report import print_problem
+from cxrdist.cli import add_device, add_inputs, add_model, find_images, resolve_device
+from cxrdist.data import eval_batches, read_manifest
+from cxrdist.evaluate import check_compatible
+from cxrdist.models import gradcam_target_layer
+from shard_tools.cli import positive_int, print_problem, run_main
+from shard_tools.errors import EXIT_FAILED, EXIT_OK, InputError
+from shard_tools.files import atomic_write_bytes, atomic_write_json
 from shard_tools.images import ImageError, load_gray
 
 # Central box that holds both lung fields on a PA radiograph, as fractions of width and height
@@ -126,7 +128,7 @@ def explain_files(model, meta, files: list[Path], out: Path, device, batch_size:
                 grays.append(load_gray(path, meta.image_size))
                 chunk.append(path)
             except ImageError as e:
-                records.append({"path": str(path), "error": str(e)})
+                records.append({"path": str(path), "error": e.reason})
         if not chunk:
             continue
         images = torch.from_numpy(np.stack(grays)).unsqueeze(1).to(device)
@@ -198,55 +200,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="cxrdist.explain", description="Grad-CAM heat maps and a shortcut indicator."
     )
-    p.add_argument(
-        "model", help="run directory (uses best/) or a directory with model.safetensors + meta.json"
-    )
-    p.add_argument(
-        "inputs", nargs="*", metavar="IMAGE_OR_DIR", help="images, or folders searched recursively"
-    )
+    add_model(p)
+    add_inputs(p, required=False)
     p.add_argument("--out", type=Path, required=True, help="directory for the overlays, grid and summary")
     p.add_argument("--shards", help="also draw a grid of test images per class from these shards")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--per-class", type=int, default=6, help="grid images per class (with --shards)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--per-class", type=positive_int, default=6, help="grid images per class (with --shards)")
+    add_device(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    err, console = Console(stderr=True, soft_wrap=True), Console(soft_wrap=True)
+    console = Console(soft_wrap=True)
     if not args.inputs and not args.shards:
-        err.print("[red]error:[/red] give images or folders to explain, or --shards for a per-class grid")
-        return 2
-    device = torch.device(args.device)
+        raise InputError("give images or folders to explain, or --shards for a per-class grid")
+    device = resolve_device(args.device)
+    model, meta = load_trained_model(args.model, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"model": args.model}
     failures = 0
-    try:
-        model, meta = load_trained_model(args.model, device)
-        args.out.mkdir(parents=True, exist_ok=True)
-        result: dict = {"model": args.model}
-        if args.inputs:
-            files, missing = find_images(args.inputs)
-            records = explain_files(model, meta, files, args.out, device)
-            records += [{"path": item, "error": reason} for item, reason in missing]
-            for r in records:
-                if "error" in r:
-                    failures += 1
-                    print_problem(err, f"{r['path']}: {r['error']}", "skipped", "yellow")
-                else:
-                    console.print(f"{r['overlay']}  {r['predicted']}  outside box {r['outside_share']:.1%}")
-            result["images"] = records
-        if args.shards:
-            result["shards"] = explain_shards(
-                model, meta, args.shards, args.out, args.per_class, args.split, device
-            )
-            print_summary(result["shards"], console)
-            console.print(f"grid: {result['shards']['grid']}")
-        atomic_write_json(args.out / "explain_summary.json", result)
-    except (ArtifactError, DataError, EvalError, ModelError) as e:
-        print_problem(err, e)
-        return 2
-    return 1 if failures else 0
+    if args.inputs:
+        files, missing = find_images(args.inputs)
+        records = explain_files(model, meta, files, args.out, device)
+        records += [{"path": item, "error": reason} for item, reason in missing]
+        for r in records:
+            if "error" in r:
+                failures += 1
+                print_problem(f"{r['path']}: {r['error']}", "skipped", "yellow")
+            else:
+                console.print(f"{r['overlay']}  {r['predicted']}  outside box {r['outside_share']:.1%}")
+        result["images"] = records
+    if args.shards:
+        result["shards"] = explain_shards(
+            model, meta, args.shards, args.out, args.per_class, args.split, device
+        )
+        print_summary(result["shards"], console)
+        console.print(f"grid: {result['shards']['grid']}")
+    atomic_write_json(args.out / "explain_summary.json", result)
+    return EXIT_FAILED if failures else EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

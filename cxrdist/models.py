@@ -21,14 +21,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 
 from cxrdist.config import ModelConfig
+from shard_tools.errors import InputError
 
 __all__ = [
     "SEED_CNN_INPUT_PX",
+    "fold_rgb_stem",
+    "input_channels",
     "ModelError",
     "SeedCNN",
     "check_input_size",
@@ -43,7 +45,7 @@ SEED_CNN_INPUT_PX = (100, 163)
 HUB_PROBE_TIMEOUT_S = 1.0
 
 
-class ModelError(RuntimeError):
+class ModelError(InputError):
     """A model cannot be built as configured. The message names the setting and what to do."""
 
 
@@ -92,9 +94,46 @@ class SeedCNN(nn.Module):
         return self.classifier(torch.flatten(x, 1))  # (B, num_classes)
 
 
-def seed_cnn(num_classes: int = 4, in_chans: int = 3) -> nn.Module:
-    """The study's CNN. `in_chans=1` gives Conv2d(1, 6, 5) (the study's is 3: gray replicated to RGB)."""
+def seed_cnn(num_classes: int = 4, in_chans: int = 1) -> nn.Module:
+    """The study's CNN. `in_chans=1` gives Conv2d(1, 6, 5), the same function as the study's Conv2d(3, 6, 5)
+    on gray replicated to RGB (`fold_rgb_stem`) at a third of the cost; `in_chans=3` is the study's layer."""
     return SeedCNN(num_classes=num_classes, in_chans=in_chans)
+
+
+def input_channels(cfg: ModelConfig) -> int:
+    """`model.in_chans` with 0 ("auto") resolved: 1 for seed_cnn (exact, see `fold_rgb_stem`), 3 otherwise."""
+    if cfg.in_chans:
+        return cfg.in_chans
+    return 1 if cfg.name == "seed_cnn" else 3
+
+
+def fold_rgb_stem(
+    weight: Tensor,
+    bias: Tensor,
+    rgb_stats: tuple[tuple[float, ...], tuple[float, ...]],
+    gray_stats: tuple[tuple[float, ...], tuple[float, ...]],
+) -> tuple[Tensor, Tensor]:
+    """A first convolution over gray replicated to 3 channels, as one over the gray channel alone.
+
+    The 3-channel layer sees ``y_c = (x - m_c) / s_c`` for gray x in [0, 1]; the 1-channel one sees
+    ``z = (x - m) / s``. Since ``y_c = (s z + m - m_c) / s_c``, the layer ``sum_c W_c * y_c + b`` equals
+    ``W' * z + b'`` with ``W' = sum_c (s / s_c) W_c`` and ``b' = b + sum_c ((m - m_c) / s_c) sum(W_c)``:
+    exact (up to float rounding) for a convolution without padding, as seed_cnn's are; with zero padding
+    the border would differ, which is why timm models keep 3 channels.
+
+    Args:
+        weight: (out, 3, kh, kw); bias: (out,); rgb_stats: ((m_r, m_g, m_b), (s_r, s_g, s_b));
+        gray_stats: ((m,), (s,)) as `cxrdist.augment.normalize_stats(1)`.
+    Returns:
+        (weight (out, 1, kh, kw), bias (out,)).
+    """
+    (rgb_mean, rgb_std), ((m,), (s,)) = rgb_stats, gray_stats
+    w = weight.double()
+    scale = torch.tensor([s / sc for sc in rgb_std], dtype=torch.float64).view(1, 3, 1, 1)
+    shift = torch.tensor([(m - mc) / sc for mc, sc in zip(rgb_mean, rgb_std)], dtype=torch.float64)
+    folded_w = (w * scale).sum(1, keepdim=True)
+    folded_b = bias.double() + (w.sum((2, 3)) * shift.view(1, 3)).sum(1)
+    return folded_w.to(weight.dtype), folded_b.to(bias.dtype)
 
 
 def check_input_size(model_name: str, image_size_px: int) -> None:
@@ -137,6 +176,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
       from the local Hugging Face cache, else downloaded. `cfg.pretrained_file` is ignored when
       `cfg.pretrained` is false.
     """
+    in_chans = input_channels(cfg)
     if cfg.name == "seed_cnn":
         if cfg.pretrained:
             raise ModelError("seed_cnn has no pretrained weights: set model.pretrained = false")
@@ -144,7 +184,9 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             raise ModelError(
                 "seed_cnn is the study's exact network, without dropout: set model.drop_rate = 0"
             )
-        return seed_cnn(num_classes=num_classes, in_chans=cfg.in_chans)
+        return seed_cnn(num_classes=num_classes, in_chans=in_chans)
+
+    import timm  # here, not at the top: seed_cnn runs never pay for importing timm's model zoo
 
     from_hub_repo = cfg.name.startswith(("hf-hub:", "hf_hub:"))
     if not from_hub_repo and not timm.is_model(cfg.name):
@@ -163,7 +205,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         )
     kwargs: dict[str, Any] = {
         "num_classes": num_classes,
-        "in_chans": cfg.in_chans,
+        "in_chans": in_chans,
         "drop_rate": cfg.drop_rate,
     }
     if not cfg.pretrained:
@@ -177,6 +219,8 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 def _from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
     """timm loads the file (head dropped, stem folded for in_chans=1); we check that it fitted."""
+    import timm
+
     where = f"model.pretrained_file = {str(path)!r}"
     if not path.is_file():
         raise ModelError(f"{where}: no such file")
@@ -229,6 +273,8 @@ def _from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
             f"timm has no pretrained weights for {name!r}: set model.pretrained = false, or"
             f" model.pretrained_file to a local state dict"
         )
+    import timm
+
     cached = _cached_weights(pcfg)
     if cached and not pcfg.custom_load:
         # Read the cached file directly: no hub request at all, so no timeouts offline.
@@ -238,6 +284,8 @@ def _from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _download(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e:
@@ -249,6 +297,8 @@ def _download(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 def _pretrained_cfg(name: str) -> Any:
     """timm's PretrainedCfg for a (tagged) model name; None for unknown and "hf-hub:" names."""
+    import timm
+
     try:
         return timm.models.get_pretrained_cfg(name)
     except RuntimeError as e:  # a known architecture with an unknown weight tag: "resnet18.nope"

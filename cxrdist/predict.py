@@ -13,32 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 
-from cxrdist.artifacts import ArtifactError, load_trained_model
+from cxrdist.artifacts import load_trained_model
 from cxrdist.augment import eval_transform
-from cxrdist.models import ModelError
-from cxrdist.report import print_problem
+from cxrdist.cli import add_batching, add_device, add_inputs, add_model, find_images, resolve_device
+from shard_tools.cli import print_problem, run_main
+from shard_tools.errors import EXIT_FAILED, EXIT_OK, InputError
 from shard_tools.images import IMAGE_SUFFIXES, ImageError, load_gray
-
-
-def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files named directly (any suffix) plus image files found under folders; and inputs that are missing."""
-    files, missing = [], []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            missing.append((item, "no such file or directory"))
-    return files, missing
 
 
 def _chunks(items: list[Path], n: int) -> Iterator[list[Path]]:
@@ -77,39 +63,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="cxrdist.predict", description="Classify radiographs with a trained model."
     )
-    p.add_argument(
-        "model", help="run directory (uses best/) or a directory with model.safetensors + meta.json"
-    )
-    p.add_argument(
-        "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images, or folders searched recursively"
-    )
+    add_model(p)
+    add_inputs(p)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_batching(p, batch_size=64)
+    add_device(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    err = Console(stderr=True, soft_wrap=True)
-    try:
-        model, meta = load_trained_model(args.model, torch.device(args.device))
-    except (ArtifactError, ModelError) as e:
-        print_problem(err, e)
-        return 2
+    device = resolve_device(args.device)
+    model, meta = load_trained_model(args.model, device)
     files, missing = find_images(args.inputs)
     for item, reason in missing:
-        print_problem(err, f"{item}: {reason}", "skipped", "yellow")
+        print_problem(f"{item}: {reason}", "skipped", "yellow")
     if not files:
-        err.print("[red]error:[/red] no images found (looked for .png, .jpg, .jpeg)")
-        return 2
+        raise InputError(
+            f"no images found in {' '.join(args.inputs)} (looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
     records, failures = [], len(missing)
     for path, probs, error in predict_files(
-        model, files, meta.image_size, meta.in_chans, args.batch_size, torch.device(args.device)
+        model, files, meta.image_size, meta.in_chans, args.batch_size, device
     ):
         if probs is None:
             failures += 1
-            print_problem(err, f"{path}: {error}", "skipped", "yellow")
+            print_problem(error, "skipped", "yellow")  # the reason already names the file
             continue
         predicted = meta.classes[int(probs.argmax())]
         record = {
@@ -124,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
     if failures:
-        err.print(f"{failures} input(s) could not be read; {len(records)} predicted")
-        return 1
-    return 0
+        print_problem(f"{failures} input(s) could not be read; {len(records)} predicted", "error")
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -61,7 +61,7 @@ def run_main(
         with sigterm_raises():
             return main(argv)
     except CxrdistError as e:
-        print_problem(e, label)
+        print_problem(e, e.label if label == "error" else label)
         return exit_code_for(e)
     except KeyboardInterrupt as e:
         print_problem("interrupted (Ctrl-C); nothing half-written was left behind", "stopped", "yellow")

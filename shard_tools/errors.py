@@ -28,6 +28,7 @@ class CxrdistError(Exception):
     """Base of every error the project raises on purpose. Exit code 1: the run failed."""
 
     exit_code = EXIT_FAILED
+    label = "error"  # how the one line on stderr starts: "error: ..."
 
 
 class InputError(CxrdistError):

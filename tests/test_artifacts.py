@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cxrdist.artifacts import (
-    ArtifactError,
+    ModelDirError,
     atomic_write_json,
     export_model,
     find_model_dir,
@@ -52,13 +52,13 @@ def test_export_replaces_the_whole_directory_and_loads_back(tmp_path):
 
 
 def test_find_model_dir_errors_name_the_path(tmp_path):
-    with pytest.raises(ArtifactError, match="no such run"):
+    with pytest.raises(ModelDirError, match="no such run"):
         find_model_dir(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ArtifactError, match="model.safetensors"):
+    with pytest.raises(ModelDirError, match="model.safetensors"):
         find_model_dir(tmp_path / "empty")
     export_model({"w": torch.ones(1)}, {"model": {}}, tmp_path / "bad")
-    with pytest.raises(ArtifactError, match="not a cxrdist meta.json"):
+    with pytest.raises(ModelDirError, match="not a cxrdist meta.json"):
         load_model_files(tmp_path / "bad")
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import shutil
 import threading
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from cxrdist.data import (
     to_device,
     train_batches,
 )
+from cxrdist.streams import shard_url
 from shard_tools.schema import ManifestError
 
 from shardgen import write_shards
@@ -197,7 +200,12 @@ def test_missing_or_truncated_shard_is_named(tmp_path):
     # num_workers=0: after a worker's error, torch's DataLoader takes 5 s to shut its workers down.
     with pytest.raises(DataError, match=r"test-000001\.tar: No such file"):
         _eval_keys(m, batch_size=4, rank=0, world_size=1, num_workers=0)
-    with pytest.raises(DataError, match=r"shard .*train-000000\.tar: cannot read it"):
+    with pytest.raises(DataError, match=r"shard .*train-000000\.tar: cannot read it") as info:
+        _eval_keys(m, "train", batch_size=4, rank=0, world_size=1, num_workers=0)
+    assert "BufferedReader" not in str(info.value)  # the reason, not webdataset's raw argument tuple
+    # Cut at a member header instead: tarfile says "empty header", with the stream in its arguments.
+    shard.write_bytes(shard.read_bytes()[:1024])
+    with pytest.raises(DataError, match=r"train-000000\.tar: cannot read it \(ReadError: empty header\)"):
         _eval_keys(m, "train", batch_size=4, rank=0, world_size=1, num_workers=0)
 
 
@@ -259,6 +267,33 @@ def test_pipe_shards_load_the_same_samples(shards, tmp_path):
         _eval_all(read_manifest(f"pipe:cat {tmp_path}/manifest.json"))
     with pytest.raises(ManifestError, match="must name 'manifest.json'"):
         read_manifest("pipe:cat something")
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["train-000000.tar; touch PWNED #", "../other/train-000000.tar", "/etc/passwd", "train-000000.tar\n"],
+)
+def test_a_manifest_cannot_run_commands_or_point_outside_its_folder(shards, tmp_path, hostile):
+    """Shard names come from the manifest: a name that is not `{split}-NNNNNN.tar` is refused before any
+    shard is opened, for local folders and pipe: commands alike, and nothing is executed."""
+    out, _ = shards
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["file"] = hostile
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for source in (str(copy), f"pipe:cd {tmp_path} && cat {copy}/manifest.json"):
+        with pytest.raises(ManifestError, match=r"splits\.train\.shards\[0\]\.file .*train-NNNNNN\.tar"):
+            read_manifest(source)
+    assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+
+
+def test_pipe_commands_get_shard_names_quoted():
+    assert shard_url("pipe:cat /x/manifest.json", "train-000001.tar") == "pipe:cat /x/train-000001.tar"
+    assert (
+        shard_url("pipe:aws s3 cp s3://b/manifest.json -", "a b.tar") == "pipe:aws s3 cp s3://b/'a b.tar' -"
+    )
+    assert shard_url("https://h/x/manifest.json", "val-000000.tar") == "https://h/x/val-000000.tar"
 
 
 # ---------------------------------------------------------------------------------------------- cache

@@ -14,7 +14,7 @@ from cxrdist.models import create_model
 @pytest.mark.parametrize(("name", "size"), [("seed_cnn", 128), ("resnet18", 64)])
 def test_grad_cam_maps_have_input_size_and_differ_per_image(name, size):
     torch.manual_seed(0)
-    model = create_model(ModelConfig(name=name), num_classes=4).eval()
+    model = create_model(ModelConfig(name=name, in_chans=3), num_classes=4).eval()
     x = torch.randn(3, 3, size, size)
     x[1, :, : size // 2] += 2.0  # a different image, so its map must differ
     cams, probs = grad_cam(model, x)

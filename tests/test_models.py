@@ -47,7 +47,7 @@ def describe(module: nn.Module) -> list[tuple]:
 
 
 def test_seed_cnn_is_the_study_network() -> None:
-    model = seed_cnn()
+    model = seed_cnn(in_chans=3)
     assert describe(model) == [
         ("Conv2d", 3, 6, (5, 5), (1, 1), (0, 0)),
         ("ReLU",),
@@ -64,14 +64,49 @@ def test_seed_cnn_is_the_study_network() -> None:
     # 456 + 2416 (convs) + 1700 + 5050 + 204 (linears)
     assert num_parameters(model) == 9826
     assert model(torch.randn(2, 3, 128, 128)).shape == (2, 4)
-    one = seed_cnn(num_classes=4, in_chans=1)
+    one = seed_cnn(num_classes=4)  # the default: one gray channel, the same function (see below)
     assert describe(one)[0] == ("Conv2d", 1, 6, (5, 5), (1, 1), (0, 0))
+    assert describe(one)[1:] == describe(model)[1:]
     assert one(torch.randn(2, 1, 128, 128)).shape == (2, 4)
+
+
+def test_one_channel_seed_cnn_computes_the_study_networks_function() -> None:
+    """The study's 3-channel first layer over gray replicated to RGB (ImageNet normalisation per channel)
+    equals a folded 1-channel layer over the gray image (one average normalisation): same outputs."""
+    from cxrdist.augment import eval_transform, normalize_stats
+
+    torch.manual_seed(0)
+    rgb = seed_cnn(in_chans=3).eval()
+    gray = seed_cnn(in_chans=1).eval()
+    state = dict(rgb.state_dict())
+    w, b = models.fold_rgb_stem(
+        state["features.0.weight"], state["features.0.bias"], normalize_stats(3), normalize_stats(1)
+    )
+    state["features.0.weight"], state["features.0.bias"] = w, b
+    gray.load_state_dict(state)
+    images = torch.randint(0, 256, (8, 1, 128, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = rgb(eval_transform(images, 3))
+        got = gray(eval_transform(images, 1))
+        # The first layer alone, before pooling hides differences: equal within float rounding.
+        first_rgb = rgb.features[0](eval_transform(images, 3))
+        first_gray = gray.features[0](eval_transform(images, 1))
+    torch.testing.assert_close(first_gray, first_rgb, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+    fresh = seed_cnn(in_chans=1).eval()(eval_transform(images, 1))
+    assert not torch.allclose(got, fresh)  # the comparison is not vacuous
+
+
+def test_in_chans_auto_is_one_only_where_it_is_exact() -> None:
+    assert models.input_channels(ModelConfig(name="seed_cnn")) == 1
+    assert models.input_channels(ModelConfig(name="resnet18")) == 3  # zero padding: not exact
+    assert models.input_channels(ModelConfig(name="seed_cnn", in_chans=3)) == 3  # the study's form stays
+    assert create_model(ModelConfig(name="seed_cnn", in_chans=3), 4).features[0].in_channels == 3
 
 
 def test_seed_cnn_feature_shapes_at_128() -> None:
     feats = []
-    model = seed_cnn()
+    model = seed_cnn(in_chans=3)
     for i in (2, 4, 5):
         model.features[i].register_forward_hook(lambda _m, _i, o: feats.append(tuple(o.shape)))
     model(torch.randn(1, 3, 128, 128))
@@ -82,12 +117,12 @@ def test_seed_cnn_input_size() -> None:
     check_input_size("seed_cnn", 128)
     check_input_size("seed_cnn", 100)
     check_input_size("seed_cnn", 163)
-    assert seed_cnn()(torch.randn(1, 3, 163, 163)).shape == (1, 4)
+    assert seed_cnn()(torch.randn(1, 1, 163, 163)).shape == (1, 4)
     for bad in (99, 164, 224):
         with pytest.raises(ModelError, match="seed_cnn needs 100..163 px"):
             check_input_size("seed_cnn", bad)
     with pytest.raises(ModelError, match="got 224x224"):
-        seed_cnn()(torch.randn(1, 3, 224, 224))
+        seed_cnn()(torch.randn(1, 1, 224, 224))
     check_input_size("resnet18", 64)  # no fixed size
     with pytest.raises(ModelError, match="only 224x224"):
         check_input_size("vit_tiny_patch16_224", 128)
@@ -133,7 +168,7 @@ def test_gradcam_target_layer() -> None:
     assert layer is model.features[4]
     shapes = []
     layer.register_forward_hook(lambda _m, _i, o: shapes.append(tuple(o.shape)))
-    model(torch.randn(1, 3, 128, 128))
+    model(torch.randn(1, 1, 128, 128))
     assert shapes == [(1, 16, 11, 11)]
     resnet = create_model(ModelConfig(name="resnet18"), 4)
     assert gradcam_target_layer(resnet) is resnet.layer4

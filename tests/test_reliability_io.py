@@ -7,6 +7,7 @@ RELIABILITY.md maps every fault to its test; the ones that need real training ru
 
 from __future__ import annotations
 
+import ast
 import errno
 import hashlib
 import http.server
@@ -33,11 +34,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import cxrdist.data as data_mod
+import cxrdist.streams as streams_mod
 from cxrdist import artifacts
 from cxrdist.config import ConfigError, ModelConfig, load_config
 from cxrdist.data import DataError, eval_batches, read_manifest, train_batches
 from cxrdist.models import ModelError, create_model
+from shard_tools import files
 from shard_tools.pack import PackError, pack
 from shard_tools.schema import IMAGENET_MEAN, IMAGENET_STD, MANIFEST_NAME, SPLITS
 from shard_tools.verify import verify
@@ -79,7 +81,7 @@ def rewrite_shard(shard: Path, drop: str | None = None, replace: dict[str, bytes
 def random_model_dir(out: Path, classes: list[str], image_size: int) -> Path:
     """An untrained seed CNN exported like a run's `best/`: enough for predict and evaluate."""
     torch.manual_seed(0)
-    model = create_model(ModelConfig(name="seed_cnn"), len(classes))
+    model = create_model(ModelConfig(name="seed_cnn", in_chans=3), len(classes))
     meta = {
         "model": {"name": "seed_cnn", "in_chans": 3},
         "classes": classes,
@@ -194,7 +196,7 @@ def remote_src(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def server(remote_src: Path, monkeypatch):
-    monkeypatch.setattr(data_mod, "HTTP_BACKOFF_S", 0.02)  # 20, 40, 80 ms: fast, still measurable
+    monkeypatch.setattr(streams_mod, "HTTP_BACKOFF_S", 0.02)  # 20, 40, 80 ms: fast, still measurable
     srv = ShardServer(remote_src)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -270,7 +272,7 @@ def test_loader_workers_and_manifest_survive_a_flaky_server(remote_src, server):
 def test_shard_that_always_breaks_fails_after_the_limit_naming_the_url(remote_src, server, monkeypatch):
     """Every response for one shard stops at byte 3000: no progress, so the reader gives up after
     HTTP_ATTEMPTS attempts with growing back-off, and the error names the URL and the byte."""
-    monkeypatch.setattr(data_mod, "HTTP_ATTEMPTS", 4)
+    monkeypatch.setattr(streams_mod, "HTTP_ATTEMPTS", 4)
     server.stop_at = {"/test-000002.tar": 3000}
     manifest = read_manifest(server.url)
     with pytest.raises(DataError) as info:
@@ -315,7 +317,7 @@ def test_training_from_a_failing_server_stops_naming_the_url(remote_src, server,
     server.stop_at = {"/train-000000.tar": 3000, "/train-000001.tar": 3000}
     run_dir = tmp_path / "run"
     script = (
-        "import sys, cxrdist.data as d; d.HTTP_BACKOFF_S = 0.02; d.HTTP_ATTEMPTS = 3\n"
+        "import sys, cxrdist.streams as s; s.HTTP_BACKOFF_S = 0.02; s.HTTP_ATTEMPTS = 3\n"
         "from cxrdist.train import main; sys.exit(main(sys.argv[1:]))"
     )
     sets = [
@@ -558,17 +560,43 @@ def test_malicious_pickle_payload_is_live_but_never_loaded(tmp_path):
     assert not marker.exists()
 
 
+def unsafe_loads(source: str, name: str = "<src>") -> list[str]:
+    """Calls in `source` that could unpickle an untrusted file, found in the syntax tree (so a call split
+    over lines, or written through an alias, is still seen): torch.load without weights_only=True,
+    pickle.load(s), and Accelerate's register_for_checkpointing (whose objects it unpickles freely)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
+        weights_only = any(
+            k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in node.keywords
+        )
+        if (called == "load" and owner == "torch" and not weights_only) or (
+            called in ("load", "loads", "Unpickler") and owner in ("pickle", "cPickle", "dill")
+        ):
+            found.append(f"{name}:{node.lineno}: {called}")
+        if called == "register_for_checkpointing":
+            found.append(f"{name}:{node.lineno}: {called}")
+    return found
+
+
 def test_no_code_path_unpickles_untrusted_files():
     """Static guard: package code loads tensors only with safetensors or torch.load(weights_only=True)."""
     offenders = []
     for path in sorted((ROOT / "cxrdist").glob("*.py")) + sorted((ROOT / "shard_tools").glob("*.py")):
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#")[0]
-            if ("torch.load(" in code and "weights_only=True" not in code) or "pickle.load" in code:
-                offenders.append(f"{path.name}:{n}: {line.strip()}")
-            if "register_for_checkpointing" in code:  # Accelerate unpickles those with weights_only=False
-                offenders.append(f"{path.name}:{n}: {line.strip()}")
+        offenders += unsafe_loads(path.read_text(), path.name)
     assert offenders == []
+    # The guard itself sees what a line-by-line grep would miss.
+    split_call = "import torch\nx = torch.load(\n    path,\n    map_location='cpu',\n)\n"
+    assert unsafe_loads(split_call) == ["<src>:2: load"]
+    assert unsafe_loads("import torch\ntorch.load(p, weights_only=True)\n") == []
+    assert unsafe_loads("import torch\ntorch.load(p, weights_only=False)\n") == ["<src>:2: load"]
+    assert unsafe_loads("import pickle\npickle.loads(b)\n") == ["<src>:2: loads"]
+    assert unsafe_loads("acc.register_for_checkpointing(obj)\n") == ["<src>:1: register_for_checkpointing"]
 
 
 def test_failed_model_export_keeps_the_previous_best(tmp_path, monkeypatch):
@@ -594,16 +622,16 @@ def test_replace_dir_puts_the_old_directory_back_when_the_rename_fails(tmp_path,
     (final / "a").write_text("old")
     tmp.mkdir()
     (tmp / "a").write_text("new")
-    real_replace = artifacts.os.replace
+    real_replace = files.os.replace
 
     def fail_second(src, dst):
         if Path(src) == tmp:
             raise OSError(errno.EIO, "Input/output error")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(artifacts.os, "replace", fail_second)
+    monkeypatch.setattr(files.os, "replace", fail_second)
     with pytest.raises(OSError, match="Input/output"):
-        artifacts.replace_dir(tmp, final)
+        files.replace_dir(tmp, final)
     assert (final / "a").read_text() == "old"
 
 

@@ -324,7 +324,7 @@ def test_tampered_pickle_in_a_checkpoint_never_runs(cnn_shards, straight, tmp_pa
     for name in tampered:
         malicious_torch_file(ckpt / name, marker)
     res = run_module("cxrdist.train", RECIPE, *sets(run_dir, cnn_shards, EPOCHS + 1, batch=4), "--resume")
-    assert res.returncode == 1
+    assert res.returncode == 2
     err = " ".join(res.stderr.split())
     assert f"cannot resume from {ckpt}" in err and "Traceback" not in err, err[-3000:]
     assert not marker.exists(), "unpickling the checkpoint ran code"

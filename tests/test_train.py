@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from cxrdist.config import OptimConfig, load_config
-from cxrdist.train import class_weights, derive_seed, lr_at
+from cxrdist.optim import class_weights, lr_at, lr_scaling_rule, scaled_lr
+from cxrdist.rng import derive_seed
 
 from launch import ROOT, accelerate_launch, fast_overrides, free_port, launch_cmd, quiet_env, run_module
 
@@ -192,11 +193,12 @@ def test_interrupted_run_resumes_to_the_same_weights(cnn_shards, tmp_path):
 def test_run_dir_guards(cnn_shards, tmp_path):
     run_dir = tmp_path / "guard"
     res = run_module("cxrdist.train", "recipes/cnn.toml", *cnn_overrides(run_dir, cnn_shards, 1), "--resume")
-    assert res.returncode == 1 and "no checkpoint" in res.stderr
+    assert res.returncode == 2 and "no checkpoint" in res.stderr
+    assert not run_dir.exists()  # a start that failed leaves no empty run dir behind
     res = run_module("cxrdist.train", "recipes/cnn.toml", *cnn_overrides(run_dir, cnn_shards, 1))
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_module("cxrdist.train", "recipes/cnn.toml", *cnn_overrides(run_dir, cnn_shards, 1))
-    assert res.returncode == 1 and "--resume" in res.stderr and "already holds checkpoints" in res.stderr
+    assert res.returncode == 2 and "--resume" in res.stderr and "already holds an earlier run" in res.stderr
 
 
 def test_non_finite_loss_stops_with_the_step(cnn_shards, tmp_path):
@@ -223,19 +225,34 @@ def test_bad_recipe_and_bad_shards_are_clear_errors(tmp_path):
         "--set",
         f"data.shards={tmp_path / 'nowhere'}",
     )
-    assert res.returncode == 1 and "nowhere" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "nowhere" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_lr_schedule():
     cfg = OptimConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.1)
-    assert lr_at(0, 100, 10, cfg) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, cfg) == pytest.approx(1.0)
-    assert lr_at(10, 100, 10, cfg) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_at(100, 100, 10, cfg) == pytest.approx(0.1)
-    steps = [lr_at(s, 100, 10, cfg) for s in range(10, 101)]
+    assert lr_at(0, 100, 10, 1.0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0, cfg) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0, cfg) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(100, 100, 10, 1.0, cfg) == pytest.approx(0.1)
+    steps = [lr_at(s, 100, 10, 1.0, cfg) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(steps, steps[1:]))
-    assert lr_at(50, 100, 0, OptimConfig(lr=0.3)) == 0.3
+    assert lr_at(50, 100, 0, 0.3, OptimConfig(lr=0.3)) == 0.3
+    assert lr_at(0, 100, 10, 2.0, cfg) == pytest.approx(0.2)  # warm-up climbs to the scaled peak
+
+
+def test_lr_scales_with_the_global_batch():
+    sgd = OptimConfig(name="sgd", lr=0.01, lr_base_batch=32)
+    assert scaled_lr(sgd, 32) == pytest.approx(0.01)
+    assert scaled_lr(sgd, 64) == pytest.approx(0.02)  # auto = linear for SGD (Goyal et al.)
+    assert scaled_lr(sgd, 16) == pytest.approx(0.005)
+    adam = OptimConfig(name="adam", lr=1e-3, lr_base_batch=64)
+    assert lr_scaling_rule(adam) == "sqrt"
+    assert scaled_lr(adam, 256) == pytest.approx(2e-3)  # sqrt(4) = 2
+    assert scaled_lr(OptimConfig(name="adam", lr=1e-3, lr_base_batch=64, lr_scaling="linear"), 256) == 4e-3
+    assert scaled_lr(OptimConfig(lr=1e-3), 4096) == 1e-3  # lr_base_batch 0: as written
+    assert lr_scaling_rule(OptimConfig(lr=1e-3)) == "none"
 
 
 def test_class_weights_and_seeds():
@@ -245,6 +262,7 @@ def test_class_weights_and_seeds():
     counts = torch.tensor([100.0, 300.0, 0.0, 200.0])
     assert float((w * counts).sum() / counts.sum()) == pytest.approx(1.0)  # mean weight per image is 1
     assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(1, 2, 4)
+    assert 0 <= derive_seed("cache", 0, 1) < 2**63
 
 
 def test_training_options_accumulate_clip_smooth_weight_stop_and_log(train_shards, tmp_path):
@@ -288,4 +306,4 @@ def test_fp16_needs_a_gpu(train_shards, tmp_path):
         "recipes/demo.toml",
         *fast_overrides(tmp_path / "fp16", train_shards, 1, "train.mixed_precision=fp16"),
     )
-    assert res.returncode == 1 and "fp16" in res.stderr and "bf16" in res.stderr
+    assert res.returncode == 2 and "fp16" in res.stderr and "bf16" in res.stderr

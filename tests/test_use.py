@@ -62,7 +62,7 @@ def test_evaluate_other_split_tta_and_errors(trained_run, train_shards, tmp_path
     val = json.loads(out.read_text())
     assert val["num_samples"] == manifest["splits"]["val"]["count"] and val["tta_hflip"] is True
     res = run_module("cxrdist.evaluate", tmp_path / "no-such-run", "--shards", train_shards)
-    assert res.returncode == 1 and "no-such-run" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "no-such-run" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_evaluate_fails_when_samples_differ_from_the_manifest(trained_run, train_shards, tmp_path):
@@ -72,7 +72,10 @@ def test_evaluate_fails_when_samples_differ_from_the_manifest(trained_run, train
     copy = tmp_path / "shards"
     shutil.copytree(train_shards, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["splits"]["test"]["count"] += 1
+    test = manifest["splits"]["test"]
+    test["count"] += 1  # consistently everywhere, so that only reading the shards can tell
+    test["shards"][0]["count"] += 1
+    test["class_counts"][manifest["classes"][0]] += 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
     res = run_module("cxrdist.evaluate", trained_run, "--shards", copy, "--out", tmp_path / "x.json")
     assert res.returncode == 1
@@ -168,4 +171,7 @@ def test_demo_end_to_end_tiny(tmp_path):
         assert (out / name).is_file(), name
     assert "macro avg" in res.stdout and "confusion_test.png" in res.stdout
     res = run_module("cxrdist.demo", "--out", out, "--per-class", "24")
-    assert res.returncode == 2 and "--force" in res.stdout
+    assert res.returncode == 2 and "--force" in res.stderr and "Traceback" not in res.stderr
+    (out / "thesis.txt").write_text("mine")
+    res = run_module("cxrdist.demo", "--out", out, "--per-class", "24", "--force")
+    assert res.returncode == 2 and "thesis.txt" in res.stderr and (out / "thesis.txt").exists()

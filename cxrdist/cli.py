@@ -1,0 +1,116 @@
+"""The arguments cxrdist's commands share, each defined once: recipe overrides, the model to use, images,
+batch size, workers and the device.
+
+Errors, exit codes and printing are `shard_tools.cli` / `shard_tools.errors` (one contract for both
+packages): a command is ``def main(argv) -> int`` run as ``sys.exit(run_main(main))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from shard_tools.cli import non_negative_int, positive_int
+from shard_tools.errors import InputError
+from shard_tools.images import IMAGE_SUFFIXES
+
+
+def add_overrides(p: argparse.ArgumentParser, what: str = "the recipe") -> None:
+    """`--set section.key=value` (repeatable), applied over the recipe by `cxrdist.config.load_config`."""
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override one value of {what}, e.g. --set train.epochs=2 (repeatable)",
+    )
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        help="run directory (uses its best/) or a directory with model.safetensors + meta.json",
+    )
+
+
+def add_inputs(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "inputs",
+        nargs="+" if required else "*",
+        metavar="IMAGE_OR_DIR",
+        help="images (.png, .jpg, .dcm, ...), or folders searched recursively",
+    )
+
+
+def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files named directly (any suffix) plus image files found under folders; and inputs that are missing."""
+    files, missing = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append((item, "no such file or directory"))
+    return files, missing
+
+
+def add_batching(p: argparse.ArgumentParser, batch_size: int, workers: int | None = None) -> None:
+    p.add_argument(
+        "--batch-size", type=positive_int, default=batch_size, help=f"images per batch (default {batch_size})"
+    )
+    if workers is not None:
+        p.add_argument(
+            "--num-workers",
+            type=non_negative_int,
+            default=workers,
+            help=f"loader processes per rank (default {workers}; 0 = in the main process)",
+        )
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+    )
+
+
+def resolve_device(name: str | None):
+    """The torch device for `--device`; InputError (exit 2) for an unknown name or a GPU that is absent."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: this machine has no CUDA GPU available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise InputError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
+def check_writable_file(path: Path, what: str = "--out") -> None:
+    """Fail before long work when `path` cannot be written: its folder is missing or read-only, or it is a
+    folder. (A probe file is created and removed in the target folder.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; give a file name")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".{path.name}.probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(
+            f"{what} {path} cannot be written ({e.strerror or e}); choose another path"
+        ) from None
