@@ -1,12 +1,17 @@
-"""Pack a folder of chest radiographs into WebDataset shards with a manifest.
+"""Pack chest radiographs (a database folder or the download's zip) into WebDataset shards with a manifest.
 
     python -m shard_tools.pack SRC OUT [--size 128] [--split 0.7,0.15,0.15] [--seed 0] [--shard-size 1000]
         [--max-shard-mb 256] [--min-shards 16] [--workers N] [--classes A,B,...] [--max-skipped 0.01]
-        [--duplicates group|drop] [--force] [--no-progress]
+        [--duplicates group|drop] [--groups FILE.csv [--ungrouped error|own-group]] [--force]
+        [--no-progress]
 
-Input: SRC holds one folder per class, in either of the database's layouts, `SRC/<Class>/*.png` or
-`SRC/<Class>/images/*.png` (`masks/` is ignored). Class folders match the class names case-insensitively,
-with space and underscore equal (`Viral Pneumonia`, `viral_pneumonia`). Files: .png, .jpg, .jpeg.
+Input (`shard_tools.sources`): SRC is a folder holding one folder per class, in either of the database's
+layouts, `SRC/<Class>/*.png` or `SRC/<Class>/images/*.png` (`masks/` is ignored); or the zip Kaggle
+serves (`covid19-radiography-database.zip`), read in place, with the class folders at its top level or
+one folder down (`COVID-19_Radiography_Dataset/`). Class folders match the class names case-insensitively,
+with space and underscore equal (`Viral Pneumonia`, `viral_pneumonia`). Files: `images.IMAGE_SUFFIXES`.
+Each sample's recorded `path` is relative to the folder that holds the class folders, so a zip and the
+folder extracted from it give byte-identical shards.
 
 Labels: by default the database's classes in alphabetical order, as in `schema.CLASSES`:
 0 = COVID, 1 = Lung_Opacity, 2 = Normal, 3 = Viral Pneumonia. `--classes` gives other names and order
@@ -15,9 +20,14 @@ Labels: by default the database's classes in alphabetical order, as in `schema.C
 Output: `OUT/{train,val,test}-NNNNNN.tar` and `OUT/manifest.json`, as specified in `shard_tools.schema`.
 Each image goes through `images.load_gray` (8-bit gray, LANCZOS resize to size x size) and is stored as a
 lossless PNG. The same input and options give byte-identical shards, whatever OUT and `--workers` are.
+OUT is built in a hidden folder beside it and swapped in at the end; `--force` replaces only an empty
+folder or a folder of shards (`shard_tools.outdir`). Exit codes: 0 done, 1 writing failed (disk full),
+2 bad input or options, 130 Ctrl-C, 143 SIGTERM; nothing half-written is left in any case.
 
-Splits are stratified per class (`split_sizes`), and images with identical pixels stay in one split, so a
-duplicate never leaks from train into val or test (`--duplicates drop` keeps only one of each group).
+Splits (`shard_tools.splits`) are stratified per class, and images with identical pixels stay in one
+split, so a duplicate never leaks from train into val or test (`--duplicates drop` keeps only one of each
+set). `--groups FILE.csv` (`shard_tools.groups`) keeps each patient, study or hospital whole inside one
+split, and prints how far the class shares moved from the requested fractions.
 """
 
 from __future__ import annotations
@@ -35,8 +45,6 @@ import shutil
 import signal
 import sys
 import tarfile
-import tempfile
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,17 +64,39 @@ from rich.progress import (
 )
 
 from shard_tools import __version__, images
+from shard_tools.cli import non_negative_int, positive_int, run_main
+from shard_tools.errors import InputError
+from shard_tools.files import replace_dir
+from shard_tools.groups import (
+    GroupTable,
+    join_groups,
+    missing_error,
+    missing_images,
+    read_groups,
+    unmatched_warning,
+)
 from shard_tools.images import IMAGE_SUFFIXES
+from shard_tools.outdir import prepare_out, write_failed
 from shard_tools.schema import (
     CLASSES,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    SHARD_FILE,
     SPLITS,
+    UNGROUPED_CHOICES,
     normalize_class_name,
-    sample_key,
     shard_name,
-    slug,
 )
+from shard_tools.sources import (
+    Source,
+    Tree,
+    close_archives,
+    find_class_dirs,
+    list_sources,
+    open_tree,
+    read_image_bytes,
+)
+from shard_tools.splits import assign_group_splits, assign_splits, share_table
 from shard_tools.verify import summary_table
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
@@ -77,19 +107,8 @@ _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)
 
 
-class PackError(ValueError):
-    """The input or the options cannot give a valid dataset; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input image: `rel` is relative to SRC (POSIX), `key` its unique sample key."""
-
-    path: Path
-    rel: str
-    class_name: str
-    label: int
-    key: str
+class PackError(InputError):
+    """The input or the options cannot give a valid dataset; the message says what to change (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -103,67 +122,14 @@ class Packed:
     shape: tuple[int, int]  # (height, width) as stored
 
 
-# ----------------------------------------------------------------------------------------------- splits
+@dataclass(frozen=True)
+class Inputs:
+    """What pack found in SRC before decoding anything."""
 
-
-def split_sizes(n: int, fractions: Sequence[float] = (0.7, 0.15, 0.15)) -> tuple[int, int, int]:
-    """Per-class (train, val, test) sizes for `n` images: boundaries rounded up, in order.
-
-    train = ceil(f_train * n), train + val = ceil((f_train + f_val) * n), test = the rest. On the full
-    database this is within one image of the study's table for every class and split; no rounding rule
-    reproduces that table exactly (Normal rounds 0.15 x 10192 = 1528.8 up, Lung_Opacity 0.15 x 6012 = 901.8
-    down). Products are rounded to 9 decimals first, so 0.7 x 20 gives 14, not ceil(14.000000000000002).
-    """
-    f_train, f_val, _ = fractions
-    train = min(n, math.ceil(round(f_train * n, 9)))
-    train_val = min(n, max(train, math.ceil(round((f_train + f_val) * n, 9))))
-    return train, train_val - train, n - train_val
-
-
-def _class_rng(seed: int, class_name: str) -> np.random.Generator:
-    # One stream per class, so adding images to one class leaves the others' splits unchanged.
-    return np.random.default_rng([seed, zlib.crc32(class_name.encode("utf-8"))])
-
-
-def assign_splits(
-    labels: Sequence[int],
-    groups: Sequence[int],
-    class_names: Sequence[str],
-    fractions: Sequence[float],
-    seed: int,
-) -> list[int]:
-    """Split index (0 train, 1 val, 2 test) for each item; items of a group share one split.
-
-    Items must be in a deterministic order (pack sorts by label, then path); `groups[i]` is the group id of
-    item i (identical pixels share one). Per class, items are shuffled and fill train, then val, then test
-    up to `split_sizes`; a duplicate group goes where its first-drawn member goes, so its other members may
-    push that split over its size by a few images (and the last split under).
-    """
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
-    split = [-1] * len(labels)
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for i, c in enumerate(labels):
-        by_class[c].append(i)
-    for c, name in enumerate(class_names):
-        items = by_class.get(c, [])
-        target = split_sizes(len(items), fractions)
-        filled = [0, 0, 0]
-        for i in items:  # already placed with a duplicate in an earlier class
-            if split[i] >= 0:
-                filled[split[i]] += 1
-        for j in _class_rng(seed, name).permutation(len(items)):
-            i = items[j]
-            if split[i] >= 0:
-                continue
-            free = [target[s] - filled[s] for s in range(3)]
-            s = next((s for s in range(3) if free[s] > 0), int(np.argmax(free)))
-            for m in members[groups[i]]:
-                split[m] = s
-                if labels[m] == c:
-                    filled[s] += 1
-    return split
+    tree: Tree
+    sources: list[Source]  # sorted by (label, path), unique keys
+    skipped: list[dict[str, str]]  # non-image files in the class folders
+    groups: GroupTable | None  # --groups, matched to `sources`
 
 
 # ------------------------------------------------------------------------------------------------ input
@@ -185,96 +151,88 @@ def _parse_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
-def find_class_dirs(src: Path, class_names: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
-    """Map each class to its folder in SRC, and list the folders that match no class."""
-    if not src.exists():
-        raise PackError(f"SRC {src} does not exist")
-    if not src.is_dir():
-        raise PackError(f"SRC {src} is not a folder; give the folder that holds one folder per class")
-    wanted = {normalize_class_name(c): c for c in class_names}
-    found: dict[str, Path] = {}
-    unknown: list[str] = []
-    for d in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        c = wanted.get(normalize_class_name(d.name))
-        if c is None:
-            unknown.append(d.name)
-        elif c in found:
-            raise PackError(f"both {found[c].name!r} and {d.name!r} in {src} match class {c!r}; keep one")
-        else:
-            found[c] = d
-    if not found:
-        raise PackError(
-            f"no class folders in {src}: expected subfolders named like {list(class_names)} "
-            f"(case, space and underscore ignored), found {unknown or 'none'}"
-        )
-    return found, unknown
-
-
-def _image_dir(class_dir: Path) -> Path:
-    # Newer database layout: <Class>/images/ beside <Class>/masks/; older: images directly in <Class>/.
-    images_dir = class_dir / "images"
-    return images_dir if images_dir.is_dir() else class_dir
-
-
-def list_sources(
-    src: Path, class_dirs: dict[str, Path], class_names: Sequence[str]
-) -> tuple[list[Source], list[dict[str, str]]]:
-    """All candidate images, sorted by (label, path), with unique keys; and the non-image files skipped."""
-    found: list[tuple[str, int, Path, str]] = []  # class, label, path, path relative to the image folder
-    skipped: list[dict[str, str]] = []
-    for label, c in enumerate(class_names):
+def _read_inputs(src: Path, opts: PackOptions) -> Inputs:
+    """List SRC's images and match the --groups CSV to them; warn about what will be missing."""
+    tree = open_tree(src, opts.classes)
+    where = tree.describe()
+    if tree.ignored:
+        shown = ", ".join(repr(n) for n in tree.ignored[:5])
+        _warn(f"ignored {len(tree.ignored)} member(s) of {src} with unsafe names (absolute or '..'): {shown}")
+    class_dirs, unknown = find_class_dirs(tree, opts.classes)
+    for name in unknown:
+        _warn(f"folder {name!r} in {where} matches no class {list(opts.classes)}; ignored")
+    for c in opts.classes:
         if c not in class_dirs:
-            continue
-        image_dir = _image_dir(class_dirs[c])
-        for p in sorted(image_dir.iterdir()):
-            if p.name.startswith(".") or p.is_dir():
-                continue  # hidden files (.DS_Store) and sub-folders (masks/) are not images of this class
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                found.append((c, label, p, p.relative_to(image_dir).as_posix()))
-            else:
-                skipped.append(
-                    {
-                        "path": p.relative_to(src).as_posix(),
-                        "reason": f"not a {'/'.join(IMAGE_SUFFIXES)} file",
-                    }
-                )
-    keys = assign_keys([(c, rel) for c, _, _, rel in found])
-    sources = [
-        Source(path=p, rel=p.relative_to(src).as_posix(), class_name=c, label=label, key=k)
-        for (c, label, p, _), k in zip(found, keys)
+            _warn(f"no folder for class {c!r} in {where}; it will have 0 images")
+    sources, skipped = list_sources(tree, class_dirs, opts.classes)
+    per_class = Counter(s.class_name for s in sources)
+    for c, d in class_dirs.items():
+        if per_class[c] == 0:
+            _warn(f"class {c!r} (folder {d}) has no {'/'.join(IMAGE_SUFFIXES)} images; it will have 0")
+    if not sources:
+        raise PackError(f"no images in {where}: its class folders hold no {'/'.join(IMAGE_SUFFIXES)} files")
+    table = None
+    if opts.groups is not None:
+        rels = [s.rel for s in sources]
+        table = read_groups(opts.groups, rels)
+        if table.unmatched_rows:
+            _warn(unmatched_warning(table))
+        missing = missing_images(table, rels)
+        if missing and (opts.ungrouped or "error") == "error":
+            raise missing_error(table, missing, len(rels))
+    return Inputs(tree, sources, skipped, table)
+
+
+def _check_overlap(src: Path, out: Path, src_is_zip: bool) -> None:
+    src_abs, out_abs = src.resolve(), out.resolve()
+    if src_abs.is_relative_to(out_abs):
+        # --force would delete SRC (a zip or folder inside OUT) along with OUT.
+        raise PackError(f"SRC {src} is inside OUT {out}; write the shards somewhere else")
+    if not src_is_zip and out_abs.is_relative_to(src_abs):
+        # The next pack of SRC would see OUT as a class folder (or an unknown folder).
+        raise PackError(f"OUT {out} is inside SRC {src}; write the shards somewhere else")
+
+
+def _not_shards(out: Path) -> list[str]:
+    """What in an existing OUT pack did not write: anything but a cxrdist manifest and shard files."""
+    manifest = out / MANIFEST_NAME
+    if not _is_shard_manifest(manifest):
+        if manifest.exists():
+            return [f"{manifest} (not a shard manifest)"]
+        # Name what the user would miss first: files that are not even named like shards.
+        entries = sorted(out.iterdir(), key=lambda p: (bool(SHARD_FILE.match(p.name)), p.name))
+        return [f"{entries[0]} (no {MANIFEST_NAME} beside it)"] + [str(p) for p in entries[1:]]
+    return [
+        str(p) + ("/" if p.is_dir() else "")
+        for p in sorted(out.iterdir())
+        if p.name != MANIFEST_NAME and not (SHARD_FILE.match(p.name) and (p.is_symlink() or p.is_file()))
     ]
-    return sources, skipped
 
 
-def assign_keys(items: Sequence[tuple[str, str]]) -> list[str]:
-    """Unique keys for (class name, path relative to the class's image folder), aligned with `items`.
-
-    A key is `schema.sample_key`; names that collide (`a.png` and `a.jpg`, or `A b.png` and `a_b.png`) get
-    their extension appended, then a counter, in sorted path order, so keys are stable across runs.
-    """
-    base = [sample_key(c, rel) for c, rel in items]
-    counts = Counter(base)
-    taken = {b for b, n in counts.items() if n == 1}
-    keys = list(base)
-    for i in sorted((i for i, b in enumerate(base) if counts[b] > 1), key=lambda i: (base[i], items[i][1])):
-        ext = slug(Path(items[i][1]).suffix.lstrip("."))
-        key, n = f"{base[i]}-{ext}" if ext else base[i], 1
-        while key in taken:
-            n += 1
-            key = f"{base[i]}-{ext}-{n}" if ext else f"{base[i]}-{n}"
-        taken.add(key)
-        keys[i] = key
-    return keys
+def _is_shard_manifest(path: Path) -> bool:
+    """A JSON object with a whole-number `format_version` and `splits`: what pack writes, of any version."""
+    try:
+        if not path.is_file() or path.stat().st_size > 256 * 2**20:
+            return False
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("format_version"), int) and "splits" in data
 
 
 # ----------------------------------------------------------------------------------------------- decode
 
 
-def _decode(job: tuple[str, str, int]) -> tuple[str, Any]:
-    """Worker: ("ok", (png, pixel_sha256, orig_size, shape)) or ("skip", reason)."""
-    path, rel, size = job
+def _decode(job: tuple[str, str, str, int]) -> tuple[str, Any]:
+    """Worker: ("ok", (png, pixel_sha256, orig_size, shape)) or ("skip", reason).
+
+    `job` is (archive, name, rel, size): a zip member is read by name from the archive (opened once per
+    worker), a file by its path."""
+    archive, name, rel, size = job
     try:
-        gray = images.decode_gray(path, name=rel)
+        gray = images.decode_gray(read_image_bytes(archive, name) if archive else name, name=rel)
+    except OSError as e:  # a zip member that cannot be read
+        return "skip", str(e)
     except images.ImageError as e:
         return "skip", e.reason
     orig_size = (int(gray.shape[1]), int(gray.shape[0]))
@@ -282,9 +240,12 @@ def _decode(job: tuple[str, str, int]) -> tuple[str, Any]:
     return "ok", (images.encode_png(gray), images.pixel_sha256(gray), orig_size, gray.shape)
 
 
-def _ignore_sigint() -> None:
+def _worker_signals() -> None:
     # Ctrl-C goes to the whole process group; only the parent should handle it (and stop the pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the parent's SIGTERM handler (`cli.sigterm_raises`); Pool.terminate ends
+    # workers with SIGTERM, which must end them quietly rather than raise in the middle of a task.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -295,7 +256,7 @@ def _pool(workers: int) -> Iterator[mp.pool.Pool | None]:
         yield None
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_ignore_sigint) as pool:
+    with ctx.Pool(workers, initializer=_worker_signals) as pool:
         yield pool
 
 
@@ -401,9 +362,13 @@ class PackOptions:
     classes: tuple[str, ...] = CLASSES
     max_skipped: float = 0.01
     duplicates: str = "group"
+    groups: Path | None = None
+    ungrouped: str | None = None
 
     def check(self) -> None:
         """Raise `PackError` naming the option and the allowed values."""
+        if self.seed < 0:
+            raise PackError(f"--seed must be a whole number >= 0, got {self.seed}")
         if not 0 <= self.size <= 8192:
             raise PackError(f"--size must be 0 (keep the original size) or 1..8192 pixels, got {self.size}")
         if len(self.split) != 3 or any(not math.isfinite(f) or f < 0 for f in self.split):
@@ -422,6 +387,12 @@ class PackOptions:
             raise PackError(f"--max-skipped is a fraction in [0, 1], got {self.max_skipped}")
         if self.duplicates not in ("group", "drop"):
             raise PackError(f"--duplicates must be 'group' or 'drop', got {self.duplicates!r}")
+        if self.ungrouped is not None and self.groups is None:
+            raise PackError("--ungrouped only applies with --groups FILE.csv")
+        if self.ungrouped is not None and self.ungrouped not in UNGROUPED_CHOICES:
+            raise PackError(
+                f"--ungrouped must be one of {', '.join(UNGROUPED_CHOICES)}, got {self.ungrouped!r}"
+            )
 
 
 def pack(
@@ -438,28 +409,35 @@ def pack(
     classes: Sequence[str] | None = None,
     max_skipped: float = 0.01,
     duplicates: str = "group",
+    groups: Path | str | None = None,
+    ungrouped: str | None = None,
     force: bool = False,
     progress: bool = True,
     command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Pack the radiographs under SRC into shards and `manifest.json` in OUT; return the manifest.
+    """Pack the radiographs in SRC (a folder or a zip) into shards and `manifest.json` in OUT; return the
+    manifest.
 
     Args:
         size: stored side length in pixels; 0 keeps the original size (all images must share one).
-        split: (train, val, test) fractions, per class (`split_sizes`).
+        split: (train, val, test) fractions, per class (`splits.split_sizes`).
         seed: decides the split and the order of samples in shards.
         shard_size, max_shard_bytes: at most this many samples and bytes per shard.
         min_shards: train gets at least this many shards (ranks x loader workers read disjoint shards).
         workers: decoding processes (default: all cores); does not change the output.
         classes: class names in label order (default `schema.CLASSES`).
         max_skipped: fail when a larger share of the files cannot be used.
-        duplicates: "group" keeps identical images in one split; "drop" keeps one of each group.
-        force: replace a non-empty OUT.
+        duplicates: "group" keeps identical images in one split; "drop" keeps one of each set.
+        groups: a CSV of `file,group` rows; every group stays whole inside one split (`shard_tools.groups`).
+        ungrouped: with `groups`, what an image the CSV does not name is: "error" (the default) or
+            "own-group" (a group of its own).
+        force: replace a non-empty OUT, if it holds only shards and their manifest.
         progress: show progress bars.
         command: recorded in the manifest; by default the equivalent `python -m shard_tools.pack` line.
 
-    Raises `PackError` for bad input or options. Nothing is left at OUT on any failure: the output is
-    built in a temporary folder beside OUT and renamed at the end.
+    Raises `PackError` (an `InputError`) for bad input or options, `outdir.WriteError` when writing fails
+    (disk full). Nothing half-written is left on any failure, Ctrl-C or SIGTERM: the output is built in a
+    staging folder beside OUT (removed on failure) and swapped in at the end.
     """
     src, out = Path(src), Path(out)
     opts = PackOptions(
@@ -472,80 +450,75 @@ def pack(
         classes=_parse_classes(classes),
         max_skipped=max_skipped,
         duplicates=duplicates,
+        groups=None if groups is None else Path(groups),
+        ungrouped=ungrouped,
     )
     opts.check()
     if workers is not None and workers < 1:
         raise PackError(f"--workers must be >= 1, got {workers}")
-    class_dirs, unknown = find_class_dirs(src, opts.classes)
-    if out.resolve().is_relative_to(src.resolve()) or src.resolve().is_relative_to(out.resolve()):
-        # Either SRC would see OUT as a class folder next time, or --force would delete SRC.
-        raise PackError(f"OUT {out} and SRC {src} overlap; write the shards somewhere else")
-    if command is None:
-        command = _equivalent_command(src, out, opts, explicit_classes=classes is not None, force=force)
-    tmp = _prepare_out(out, force)
     try:
-        manifest = _pack_into(tmp, src, class_dirs, unknown, opts, workers, progress)
-        manifest["command"] = list(command)
-        text = json.dumps(manifest, sort_keys=True, indent=2) + "\n"
-        (tmp / MANIFEST_NAME).write_text(text, encoding="utf-8")
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        inputs = _read_inputs(src, opts)
+        _check_overlap(src, out, inputs.tree.is_zip)
+        if command is None:
+            command = _equivalent_command(src, out, opts, explicit_classes=classes is not None, force=force)
+        tmp = prepare_out(out, force=force, foreign=_not_shards, owned_what="shards and their manifest")
+        try:
+            manifest = _pack_into(tmp, inputs, opts, workers, progress)
+            manifest["command"] = list(command)
+            text = json.dumps(manifest, sort_keys=True, indent=2) + "\n"
+            (tmp / MANIFEST_NAME).write_text(text, encoding="utf-8")
+            replace_dir(tmp, out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failed(out, e) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        close_archives()
     return manifest
 
 
 def _pack_into(
-    tmp: Path,
-    src: Path,
-    class_dirs: dict[str, Path],
-    unknown: list[str],
-    opts: PackOptions,
-    workers: int | None,
-    progress: bool,
+    tmp: Path, inputs: Inputs, opts: PackOptions, workers: int | None, progress: bool
 ) -> dict[str, Any]:
     """Decode, split and write the shards into `tmp`; return the manifest (all but `command`)."""
-    for name in unknown:
-        _warn(f"folder {name!r} in {src} matches no class {list(opts.classes)}; ignored")
-    for c in opts.classes:
-        if c not in class_dirs:
-            _warn(f"no folder for class {c!r} in {src}; it will have 0 images")
-    sources, skipped = list_sources(src, class_dirs, opts.classes)
-    n_files = len(sources) + len(skipped)
-    per_class = Counter(s.class_name for s in sources)
-    for c, d in class_dirs.items():
-        if per_class[c] == 0:
-            _warn(f"class {c!r} (folder {d.relative_to(src)}) has no .png/.jpg/.jpeg images; it will have 0")
-    if not sources:
-        raise PackError(f"no images in {src}: its class folders hold no .png, .jpg or .jpeg files")
-
+    sources = inputs.sources
+    n_files = len(sources) + len(inputs.skipped)
     # Decoded PNGs wait in a spill file until the split is known, so memory stays flat on the full
     # database. One pool serves both phases; its workers open the spill file by name.
     spill = tmp / ".spill"
     workers = min(workers or os.cpu_count() or 1, len(sources))
     with _pool(workers) as pool, _progress(progress) as bar:
         kept, packed, failed = _decode_to_spill(sources, opts.size, spill, pool, bar)
-        skipped = sorted(skipped + failed, key=lambda d: d["path"])
+        skipped = sorted(inputs.skipped + failed, key=lambda d: d["path"])
         _check_skipped(skipped, n_files, opts.max_skipped)
         if not kept:
-            raise PackError(f"no image in {src} could be read ({len(skipped)} skipped)")
+            raise PackError(f"no image in {inputs.tree.describe()} could be read ({len(skipped)} skipped)")
         image_size = _common_size(kept, packed, opts.size)
-        split_of, dup_records = _plan_splits(kept, packed, opts)
-        splits = _write_splits(tmp, kept, packed, split_of, spill, opts, pool, bar)
+        plan = _plan_splits(kept, packed, opts, inputs.groups)
+        splits = _write_splits(tmp, kept, packed, plan.split_of, spill, opts, pool, bar)
     spill.unlink()
-    _report_duplicates(dup_records, opts.duplicates)
-    return {
+    _report_duplicates(plan.duplicates, opts.duplicates)
+    manifest = {
         "format_version": FORMAT_VERSION,
         "classes": list(opts.classes),
         "image_size": image_size,
         "seed": opts.seed,
         "split_fractions": dict(zip(SPLITS, opts.split)),
-        "source": str(src.resolve()),
+        "source": str(inputs.tree.src.resolve()),
         "tool_version": __version__,
         "splits": splits,
         "skipped": skipped,
-        "duplicates": dup_records,
+        "duplicates": plan.duplicates,
     }
+    if inputs.tree.is_zip:
+        manifest["source_root"] = inputs.tree.root  # the member folder holding the class folders
+    if inputs.groups is not None:
+        manifest["groups"] = plan.groups_summary
+        for si, split_name in enumerate(SPLITS):
+            splits[split_name]["groups"] = plan.group_names[si]
+    return manifest
 
 
 def _decode_to_spill(
@@ -553,7 +526,7 @@ def _decode_to_spill(
 ) -> tuple[list[Source], list[Packed], list[dict[str, str]]]:
     """Decode every source, appending its PNG to `spill`; return the decoded sources, where their PNGs
     are, and the failures as skipped records."""
-    jobs = [(str(s.path), s.rel, size) for s in sources]
+    jobs = [(s.archive, s.name, s.rel, size) for s in sources]
     kept: list[Source] = []
     packed: list[Packed] = []
     failed: list[dict[str, str]] = []
@@ -571,36 +544,75 @@ def _decode_to_spill(
     return kept, packed, failed
 
 
+@dataclass
+class SplitPlan:
+    """Where each written sample goes, and what the manifest records about duplicates and groups."""
+
+    split_of: dict[int, int]  # index into `kept` -> split index; dropped duplicates have none
+    duplicates: list[dict[str, Any]]  # the manifest's `duplicates`
+    group_names: list[list[str]] | None = None  # --groups: the CSV's group names in each split
+    groups_summary: dict[str, Any] | None = None  # --groups: the manifest's top-level `groups`
+
+
 def _plan_splits(
-    kept: list[Source], packed: list[Packed], opts: PackOptions
-) -> tuple[dict[int, int], list[dict[str, Any]]]:
-    """Split index for each sample written (dropped duplicates have none), and the duplicate records."""
+    kept: list[Source], packed: list[Packed], opts: PackOptions, table: GroupTable | None
+) -> SplitPlan:
+    """Split each sample: stratified per class, identical images together, and with --groups every group
+    (joined with its duplicates) whole inside one split."""
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(packed):
         by_hash[p.pixel_sha256].append(i)
-    groups = [g for g in by_hash.values() if len(g) > 1]
-    dropped = {i for g in groups for i in g[1:]} if opts.duplicates == "drop" else set()
+    dup_sets = [g for g in by_hash.values() if len(g) > 1]
+    dropped = {i for g in dup_sets for i in g[1:]} if opts.duplicates == "drop" else set()
     live = [i for i in range(len(kept)) if i not in dropped]
-    split = assign_splits(
-        [kept[i].label for i in live],
-        [by_hash[packed[i].pixel_sha256][0] for i in live],
-        opts.classes,
-        opts.split,
-        opts.seed,
-    )
-    split_of = dict(zip(live, split))
-    records = []
-    for g in groups:
+    plan = SplitPlan({}, [])
+    if table is None:
+        split = assign_splits(
+            [kept[i].label for i in live],
+            [by_hash[packed[i].pixel_sha256][0] for i in live],
+            opts.classes,
+            opts.split,
+            opts.seed,
+        )
+        plan.split_of = dict(zip(live, split))
+    else:
+        # Dropped duplicates still join groups: their pixels live on in the copy that is kept.
+        names = [table.groups.get(s.rel) for s in kept]
+        component = join_groups(names, dup_sets)
+        split = assign_group_splits(
+            [kept[i].label for i in live],
+            [component[i] for i in live],
+            len(opts.classes),
+            opts.split,
+            opts.seed,
+        )
+        plan.split_of = dict(zip(live, split))
+        split_of_component = {component[i]: s for i, s in plan.split_of.items()}
+        in_split: list[set[str]] = [set(), set(), set()]
+        names_of: dict[int, set[str]] = defaultdict(set)
+        for i, name in enumerate(names):
+            if name is not None:
+                in_split[split_of_component[component[i]]].add(name)
+                names_of[component[i]].add(name)
+        plan.group_names = [sorted(s) for s in in_split]
+        plan.groups_summary = {
+            "file": str(Path(table.file).resolve()),
+            "sha256": table.sha256,
+            "ungrouped": opts.ungrouped or "error",
+            "own_groups": sum(name is None for name in names),
+            "joined_by_duplicates": sorted(sorted(n) for n in names_of.values() if len(n) > 1),
+        }
+    for g in dup_sets:
         record = {
             "pixel_sha256": packed[g[0]].pixel_sha256,
             "paths": sorted(kept[i].rel for i in g),
-            "split": SPLITS[split_of[g[0]]],
+            "split": SPLITS[plan.split_of[g[0]]],
         }
         if opts.duplicates == "drop":
             record["dropped"] = sorted(kept[i].rel for i in g[1:])
-        records.append(record)
-    records.sort(key=lambda r: r["paths"][0])
-    return split_of, records
+        plan.duplicates.append(record)
+    plan.duplicates.sort(key=lambda r: r["paths"][0])
+    return plan
 
 
 def _write_splits(
@@ -654,32 +666,6 @@ def _write_splits(
     return splits
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
-    """Refuse a non-empty OUT without `force`; return a fresh temporary folder beside OUT."""
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() and not force:
-            raise PackError(f"OUT {out} exists and is not a folder; pass --force to replace it")
-        if out.is_dir() and any(out.iterdir()) and not force:
-            raise PackError(f"OUT {out} is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Beside OUT, so the final rename stays on one filesystem and is atomic; hidden, so a crash leaves
-    # nothing that looks like OUT.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0o700 would make OUT private once renamed
-    return tmp
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to OUT, replacing what was there."""
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / "out")
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def _equivalent_command(
     src: Path, out: Path, opts: PackOptions, *, explicit_classes: bool, force: bool
 ) -> list[str]:
@@ -691,6 +677,8 @@ def _equivalent_command(
     cmd += ["--duplicates", opts.duplicates]
     if explicit_classes:
         cmd += ["--classes", ",".join(opts.classes)]
+    if opts.groups is not None:
+        cmd += ["--groups", str(opts.groups), "--ungrouped", opts.ungrouped or "error"]
     return cmd + (["--force"] if force else [])
 
 
@@ -783,31 +771,57 @@ def _parse_split(text: str) -> tuple[float, float, float]:
     return values[0], values[1], values[2]
 
 
+def _positive_mb(text: str) -> float:
+    """argparse type: a finite number of MiB > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m shard_tools.pack",
-        description="Pack chest radiograph folders into WebDataset shards (see shard_tools/schema.py).",
+        description="Pack chest radiograph folders, or the database's zip, into WebDataset shards "
+        "(see shard_tools/schema.py).",
     )
-    ap.add_argument("src", type=Path, help="database folder: SRC/<Class>/*.png or SRC/<Class>/images/*.png")
+    ap.add_argument(
+        "src",
+        type=Path,
+        help="database folder (SRC/<Class>/*.png or SRC/<Class>/images/*.png) or the download's .zip",
+    )
     ap.add_argument("out", type=Path, help="output folder for the shards and manifest.json")
     ap.add_argument(
-        "--size", type=int, default=128, help="image side in pixels (default 128; 0 keeps the original)"
+        "--size",
+        type=non_negative_int,
+        default=128,
+        help="image side in pixels (default 128; 0 keeps the original)",
     )
     ap.add_argument(
         "--split", type=_parse_split, default=(0.7, 0.15, 0.15), help="train,val,test (default 0.7,0.15,0.15)"
     )
-    ap.add_argument("--seed", type=int, default=0, help="split and shard-order seed (default 0)")
-    ap.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (default 1000)")
+    ap.add_argument("--seed", type=non_negative_int, default=0, help="split and shard-order seed (default 0)")
+    ap.add_argument(
+        "--shard-size", type=positive_int, default=1000, help="max samples per shard (default 1000)"
+    )
     ap.add_argument(
         "--max-shard-mb",
-        type=float,
+        type=_positive_mb,
         default=DEFAULT_MAX_SHARD_BYTES / 2**20,
         help="max MiB per shard (default 256)",
     )
     ap.add_argument(
-        "--min-shards", type=int, default=16, help="min train shards, >= ranks x workers (default 16)"
+        "--min-shards",
+        type=positive_int,
+        default=16,
+        help="min train shards, >= ranks x workers (default 16)",
     )
-    ap.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    ap.add_argument(
+        "--workers", type=positive_int, default=None, help="decode processes (default: all cores)"
+    )
     ap.add_argument(
         "--classes",
         default=None,
@@ -825,7 +839,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="group",
         help="identical images: keep each group in one split (default) or keep one",
     )
-    ap.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    ap.add_argument(
+        "--groups",
+        type=Path,
+        default=None,
+        metavar="FILE.csv",
+        help="CSV with columns file,group (patient, study, hospital): each group stays in one split",
+    )
+    ap.add_argument(
+        "--ungrouped",
+        choices=UNGROUPED_CHOICES,
+        default=None,
+        help="with --groups, images the CSV does not name: an error (default) or each its own group",
+    )
+    ap.add_argument(
+        "--force", action="store_true", help="replace OUT if it is a folder of shards (nothing else)"
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
@@ -833,33 +862,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        manifest = pack(
-            args.src,
-            args.out,
-            size=args.size,
-            split=args.split,
-            seed=args.seed,
-            shard_size=args.shard_size,
-            max_shard_bytes=int(args.max_shard_mb * 2**20),
-            min_shards=args.min_shards,
-            workers=args.workers,
-            classes=args.classes.split(",") if args.classes is not None else None,
-            max_skipped=args.max_skipped,
-            duplicates=args.duplicates,
-            force=args.force,
-            progress=not args.no_progress,
-            command=["python", "-m", "shard_tools.pack", *argv],
-        )
-    except PackError as e:
-        _err.print(f"[bold red]error:[/bold red] {escape(str(e))}", soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        _err.print("[red]interrupted[/red]: nothing was written to OUT")
-        return 130
+    manifest = pack(
+        args.src,
+        args.out,
+        size=args.size,
+        split=args.split,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        max_shard_bytes=int(args.max_shard_mb * 2**20),
+        min_shards=args.min_shards,
+        workers=args.workers,
+        classes=args.classes.split(",") if args.classes is not None else None,
+        max_skipped=args.max_skipped,
+        duplicates=args.duplicates,
+        groups=args.groups,
+        ungrouped=args.ungrouped,
+        force=args.force,
+        progress=not args.no_progress,
+        command=["python", "-m", "shard_tools.pack", *argv],
+    )
     _out.print(summary_table(manifest, f"{args.out}  ({manifest['image_size']} px)"))
+    if "groups" in manifest:
+        _out.print(share_table(manifest))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -34,6 +34,16 @@ bucket is still valid: readers resolve shard URLs against the URL the manifest w
 name of the packer's own pattern, ``{split}-NNNNNN.tar`` (`SHARD_FILE`): never a path, so a manifest can
 neither point a reader outside the shard folder nor smuggle shell syntax into a ``pipe:`` command.
 
+Optional, written by ``pack --groups FILE.csv`` only (leakage-safe splits, `shard_tools.groups`)::
+
+    groups: {file: str (the CSV, absolute), sha256: str (of its bytes), ungrouped: "error" | "own-group",
+             own_groups: int (images the CSV did not name, each a group of its own),
+             joined_by_duplicates: [[name, ...], ...] (CSV groups joined because they share an image)}
+    splits.<split>.groups: [name, ...]   the CSV's group names whose images are in that split, sorted
+
+Every image of a group is in the split that lists the group, so no name appears in two splits. When the
+top-level ``groups`` is present every split lists its ``groups``; when it is absent none does.
+
 `validate_manifest` is the one check of this contract; every reader (`shard_tools.verify`,
 `cxrdist.data`, training, evaluation) calls it, so all of them accept and reject the same manifests.
 """
@@ -41,7 +51,9 @@ neither point a reader outside the shard folder nor smuggle shell syntax into a 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from shard_tools.errors import InputError
@@ -75,6 +87,9 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+# What `pack --groups` does with an image its CSV does not name (manifest `groups.ungrouped`).
+UNGROUPED_CHOICES = ("error", "own-group")
+
 # A shard's `file` in the manifest: the split's name, a dash, six digits, ".tar". Nothing else.
 SHARD_FILE = re.compile(r"^(train|val|test)-[0-9]{6}\.tar$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -88,6 +103,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """The manifest in `raw` (the file's bytes: UTF-8, -16 or -32, a byte-order mark allowed), parsed and
+    validated (`validate_manifest`). Raises `ManifestError` naming `where`."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        # ValueError: JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits;
+        # RecursionError: arrays nested thousands deep.
+        raise ManifestError(f"{where}: not a JSON manifest: {str(e)[:200]}") from None
+    return validate_manifest(data, where)
+
+
 def validate_manifest(data: Any, where: str) -> dict[str, Any]:
     """Check a parsed manifest against the format above; return it. Raises `ManifestError` naming `where`
     (the manifest's location) and the offending entry.
@@ -95,7 +122,8 @@ def validate_manifest(data: Any, where: str) -> dict[str, Any]:
     Checked: format_version; classes (non-empty, unique, non-empty names); image_size; all three splits
     and no other, each with count, class_counts (known classes, summing to count) and shards, each shard
     with a `file` matching `SHARD_FILE` for its own split (unique), count, bytes and a sha256, the shard
-    counts summing to the split's count. Fields no reader relies on (source, command, ...) are not checked.
+    counts summing to the split's count; the optional `groups` fields, if present. Fields no reader relies
+    on (source, command, ...) are not checked.
     """
 
     def bad(entry: str, problem: str) -> ManifestError:
@@ -155,7 +183,7 @@ def validate_manifest(data: Any, where: str) -> dict[str, Any]:
             if not isinstance(shard, dict):
                 raise bad(at, "must be an object with file, count, bytes and sha256")
             file = shard.get("file")
-            if not isinstance(file, str) or not SHARD_FILE.match(file) or not file.startswith(f"{split}-"):
+            if not (isinstance(file, str) and SHARD_FILE.fullmatch(file) and file.startswith(f"{split}-")):
                 raise bad(
                     f"{at}.file",
                     f"is {file!r:.80}, not a shard name of the form {split}-NNNNNN.tar (a plain name in the "
@@ -171,12 +199,56 @@ def validate_manifest(data: Any, where: str) -> dict[str, Any]:
             if not _is_int(nbytes) or nbytes < 0:
                 raise bad(f"{at}.bytes", f"must be a whole number >= 0, got {nbytes!r:.40}")
             sha = shard.get("sha256")
-            if not isinstance(sha, str) or not _SHA256.match(sha):
+            if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
                 raise bad(f"{at}.sha256", f"must be 64 lower-case hex digits, got {sha!r:.80}")
             total += n
         if total != count:
             raise bad(f"splits.{split}", f"lists shards holding {total} samples, but its count is {count}")
+    _validate_groups(data, splits, bad)
     return data
+
+
+def _validate_groups(
+    data: dict[str, Any], splits: dict[str, Any], bad: Callable[[str, str], ManifestError]
+) -> None:
+    """The optional `groups` fields (see the module docstring): well-formed, and no group in two splits."""
+    summary = data.get("groups")
+    if summary is None:
+        for split in SPLITS:
+            if "groups" in splits[split]:
+                raise bad(f"splits.{split}.groups", "is present but the manifest has no top-level groups")
+        return
+    if not isinstance(summary, dict):
+        raise bad("groups", f"must be an object describing the groups file, got {type(summary).__name__}")
+    if not isinstance(summary.get("file"), str):
+        raise bad("groups.file", f"must be the groups file's path, got {summary.get('file')!r:.80}")
+    sha = summary.get("sha256")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise bad("groups.sha256", f"must be 64 lower-case hex digits, got {sha!r:.80}")
+    if summary.get("ungrouped") not in UNGROUPED_CHOICES:
+        raise bad(
+            "groups.ungrouped", f"must be one of {UNGROUPED_CHOICES}, got {summary.get('ungrouped')!r:.40}"
+        )
+    own = summary.get("own_groups")
+    if not _is_int(own) or own < 0:
+        raise bad("groups.own_groups", f"must be a whole number >= 0, got {own!r:.40}")
+    joined = summary.get("joined_by_duplicates")
+    if not isinstance(joined, list) or not all(
+        isinstance(j, list) and all(isinstance(n, str) for n in j) for j in joined
+    ):
+        raise bad(
+            "groups.joined_by_duplicates", f"must be a list of lists of group names, got {joined!r:.80}"
+        )
+    split_of: dict[str, str] = {}
+    for split in SPLITS:
+        names = splits[split].get("groups")
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise bad(f"splits.{split}.groups", f"must be a list of group names, got {names!r:.80}")
+        for name in names:
+            if name in split_of:
+                where = "twice" if split_of[name] == split else f"in {split_of[name]} and in {split}"
+                raise bad(f"splits.{split}.groups", f"lists group {name!r:.60} {where}")
+            split_of[name] = split
 
 
 # The members of one sample, in the order pack writes them.

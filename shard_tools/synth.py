@@ -20,6 +20,9 @@ text boxes) appear at random, drawn from a stream independent of the class, so t
 information (in the real database they do; a model here cannot learn that shortcut).
 
 Every image depends only on (seed, class, i), so the output is the same for any number of workers.
+OUT is written in a hidden folder beside it and swapped in at the end (`shard_tools.files`); `--force`
+replaces only an empty folder or an earlier synth output (`<Class>/images/<Class>-<i>.png` and nothing
+else; `shard_tools.outdir`). Exit codes: 0 done, 1 writing failed (disk full), 2 bad options or OUT.
 """
 
 from __future__ import annotations
@@ -28,18 +31,20 @@ import argparse
 import io
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from rich.console import Console
-from rich.markup import escape
 
+from shard_tools.cli import non_negative_int, positive_int, run_main
+from shard_tools.errors import InputError
+from shard_tools.files import replace_dir
+from shard_tools.outdir import prepare_out, write_failed
 from shard_tools.schema import CLASSES
 
 _STREAM_ANATOMY, _STREAM_MARKERS = 0, 1
@@ -250,19 +255,19 @@ def generate(
     """Write `per_class` images of each class to `OUT/<Class>/images/<Class>-<i>.png`; return OUT.
 
     uint8 gray PNGs, (size, size). Deterministic in (per_class, size, seed), whatever `workers` is
-    (default: all cores). OUT must be absent or empty unless `force`; the images are written to a
-    temporary sibling folder that is renamed to OUT at the end, so an interrupted run leaves no OUT.
+    (default: all cores). OUT must be absent or empty, or with `force` an earlier synth output (nothing
+    else is ever replaced). The images are written to a staging folder beside OUT that replaces OUT at the
+    end, so an interrupted or failed run leaves OUT as it was.
+
+    Raises `InputError` for bad arguments or an OUT that may not be replaced, `outdir.WriteError` when
+    writing fails (disk full).
     """
     out = Path(out)
     if per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
+        raise InputError(f"--per-class must be >= 1, got {per_class}")
     if size < 32:
-        raise ValueError(f"size must be >= 32 pixels, got {size}")
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0o700 would make OUT private once renamed
+        raise InputError(f"--size must be >= 32 pixels, got {size}")
+    tmp = prepare_out(out, force=force, foreign=not_synth_output, owned_what="synthetic images")
     try:
         for c in CLASSES:
             (tmp / c / "images").mkdir(parents=True)
@@ -276,38 +281,54 @@ def generate(
             for job in jobs:
                 c, i, png = _render(job)
                 image_path(tmp, c, i).write_bytes(png)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "x")
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(out, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+_SYNTH_FILE = re.compile(r"^(?P<cls>.+)-[1-9][0-9]*\.png$")
+
+
+def not_synth_output(out: Path) -> list[str]:
+    """What in an existing OUT synth did not write: anything but `<Class>/images/<Class>-<i>.png`."""
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name not in CLASSES or entry.is_symlink() or not entry.is_dir():
+            foreign.append(str(entry))
+            continue
+        for sub in sorted(entry.iterdir()):
+            if sub.name != "images" or sub.is_symlink() or not sub.is_dir():
+                foreign.append(str(sub))
+                continue
+            for f in sorted(sub.iterdir()):
+                m = _SYNTH_FILE.match(f.name)
+                if not m or m["cls"] != entry.name or f.is_symlink() or not f.is_file():
+                    foreign.append(str(f))
+    return foreign
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m shard_tools.synth", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="output folder (absent or empty unless --force)")
-    ap.add_argument("--per-class", type=int, default=250, help="images per class (default 250)")
+    ap.add_argument("--per-class", type=positive_int, default=250, help="images per class (default 250)")
     ap.add_argument(
-        "--size", type=int, default=299, help="image side in pixels (default 299, as the database)"
+        "--size", type=positive_int, default=299, help="image side in pixels (default 299, as the database)"
     )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    ap.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    ap.add_argument("--seed", type=non_negative_int, default=0)
+    ap.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
+    ap.add_argument(
+        "--force", action="store_true", help="replace OUT if it holds an earlier synth output (nothing else)"
+    )
     args = ap.parse_args(argv)
-    try:
-        out = generate(args.out, args.per_class, args.size, args.seed, args.workers, force=args.force)
-    except (ValueError, FileExistsError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(e))}", soft_wrap=True)
-        return 2
+    out = generate(args.out, args.per_class, args.size, args.seed, args.workers, force=args.force)
     print(f"wrote {args.per_class * len(CLASSES)} images ({args.size}x{args.size}) to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

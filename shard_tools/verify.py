@@ -6,7 +6,9 @@ Recomputes each shard's size and sha256, reads every sample, decodes every image
 the manifest: members `<key>.cls/.json/.png` all present, label id in range and matching the JSON's class,
 image 8-bit gray of `image_size` pixels whose pixels hash to the JSON's `pixel_sha256`, keys unique, counts
 per shard, split and class as listed. A missing shard, an unlisted file in OUT, a truncated tar and a wrong
-hash are all problems. Prints a summary table and exits 0, or lists every problem and exits 1.
+hash are all problems. Prints a summary table and exits 0, or lists every problem and exits 1. OUT that
+is not a folder, or a manifest that is missing, unreadable or breaks `schema.validate_manifest`, is bad
+input: one line and exit 2 (`verify` raises `InputError` / `ManifestError`).
 
 `check_checksums` (size and sha256 only) is what training runs with `data.verify_checksums = true`.
 """
@@ -34,24 +36,30 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from shard_tools.cli import positive_int, run_main
+from shard_tools.errors import InputError
 from shard_tools.images import pixel_sha256
-from shard_tools.schema import MANIFEST_NAME, SAMPLE_EXTS, SPLITS, ManifestError, validate_manifest
+from shard_tools.schema import MANIFEST_NAME, SAMPLE_EXTS, SPLITS, ManifestError, parse_manifest
 
 _MEMBER = re.compile(r"^([^./]+)\.([^/]+)$")  # <key>.<ext>, key without dots (WebDataset's rule)
 
 
 def read_manifest(out: Path | str) -> dict[str, Any]:
-    """Load and validate `OUT/manifest.json` (`schema.validate_manifest`). Raises `ManifestError`."""
+    """Load and validate `OUT/manifest.json` (`schema.validate_manifest`). Raises `ManifestError`.
+
+    The bytes go through `schema.parse_manifest`, as `cxrdist.data.read_manifest`'s do, so both readers
+    accept and reject the same files.
+    """
     path = Path(out) / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(
             f"{path} does not exist: is {out} a folder written by shard_tools.pack?"
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path} cannot be read as JSON: {e}") from None
-    return validate_manifest(manifest, str(path))
+    except OSError as e:
+        raise ManifestError(f"{path} cannot be read: {e.strerror or e}") from None
+    return parse_manifest(raw, str(path))
 
 
 def sha256_file(path: Path | str) -> str:
@@ -180,14 +188,13 @@ def _verify_job(
 
 
 def verify(out: Path | str, *, workers: int | None = None) -> list[str]:
-    """Every problem found in OUT (see the module docstring); an empty list means the dataset is sound."""
+    """Every problem found in the shards of OUT (see the module docstring); an empty list means the
+    dataset is sound. Raises `InputError` when OUT is not a folder and `ManifestError` when its manifest
+    cannot be read or breaks the format: then there is nothing to check the shards against."""
     out = Path(out)
     if not out.is_dir():
-        return [f"{out} is not a folder"]
-    try:
-        manifest = read_manifest(out)
-    except ManifestError as e:
-        return [str(e)]
+        raise InputError(f"{out} is not a folder; give the folder holding manifest.json and the shards")
+    manifest = read_manifest(out)
     classes, image_size = manifest["classes"], manifest["image_size"]
     jobs, split_of = [], []
     for split in SPLITS:
@@ -251,32 +258,38 @@ def _check_split_counts(split: str, manifest: Mapping[str, Any], labels: Counter
 
 
 def summary_table(manifest: Mapping[str, Any], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")  # paths and class names are not markup
     table.add_column("split")
     for c in manifest["classes"]:
-        table.add_column(c, justify="right")
+        table.add_column(escape(c), justify="right")
     table.add_column("total", justify="right")
     table.add_column("shards", justify="right")
     table.add_column("MB", justify="right")
     for split in SPLITS:
         s = manifest["splits"][split]
-        mb = sum(sh["bytes"] for sh in s["shards"]) / 2**20
+        nbytes = sum(sh["bytes"] for sh in s["shards"])
         counts = [str(s["class_counts"].get(c, 0)) for c in manifest["classes"]]
-        table.add_row(split, *counts, str(s["count"]), str(len(s["shards"])), f"{mb:.1f}")
+        table.add_row(split, *counts, str(s["count"]), str(len(s["shards"])), _mb(nbytes))
     return table
+
+
+def _mb(nbytes: int) -> str:
+    """MiB with one decimal, for any whole number of bytes (a float would overflow past 1e308)."""
+    tenths = (nbytes * 10 + 2**19) >> 20
+    return f"{tenths // 10}.{tenths % 10}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m shard_tools.verify", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="folder holding manifest.json and the shards")
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    ap.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     args = ap.parse_args(argv)
     console, err = Console(highlight=False), Console(stderr=True, highlight=False)
     problems = verify(args.out, workers=args.workers)
     if problems:
         for p in problems:
             err.print(f"[red]problem:[/red] {escape(p)}", soft_wrap=True)
-        err.print(f"[bold red]{args.out}: {len(problems)} problem(s)[/bold red]")
+        err.print(f"[bold red]{escape(str(args.out))}: {len(problems)} problem(s)[/bold red]")
         return 1
     manifest = read_manifest(args.out)
     console.print(
@@ -286,4 +299,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

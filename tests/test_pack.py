@@ -22,8 +22,12 @@ from PIL import Image
 
 from shard_tools import images
 from shard_tools import pack as pack_mod
-from shard_tools.pack import PackError, assign_keys, main, pack, shard_counts, split_sizes
+from shard_tools.cli import run_main
+from shard_tools.errors import InputError
+from shard_tools.pack import PackError, main, pack, shard_counts
 from shard_tools.schema import CLASSES, MANIFEST_NAME, SPLITS
+from shard_tools.sources import assign_keys
+from shard_tools.splits import split_sizes
 from shard_tools.verify import verify
 
 # The study's split of the full database (train, val, test) and the class totals it came from.
@@ -307,7 +311,7 @@ def test_bad_files_are_skipped_with_reasons(synth_src: Path, tmp_path: Path):
     assert "truncated" in reasons["truncated.png"]
     assert "not a recognised image" in reasons["text.png"]
     assert "corrupt" in reasons["corrupt.jpg"] or "not a recognised" in reasons["corrupt.jpg"]
-    assert "not a .png/.jpg/.jpeg file" in reasons["notes.txt"]
+    assert f"not a {'/'.join(images.IMAGE_SUFFIXES)} file" in reasons["notes.txt"]
     assert sum(m["splits"][s]["count"] for s in SPLITS) == 20
     assert verify(tmp_path / "out") == []
 
@@ -344,7 +348,10 @@ def test_bad_input_fails_clearly_and_leaves_no_out(case: str, message: str, synt
     elif case == "bad_split":
         _small_src(src, synth_src, per_class=1)
         kwargs["split"] = (0.7, 0.2, 0.2)
-    with pytest.raises(PackError, match=re.escape(message)):
+    # PackError for what pack itself checks; InputError (its base) for SRC and OUT, checked by
+    # shard_tools.sources and shard_tools.outdir.
+    error = InputError if case in ("missing_src", "no_class_folders", "out_not_empty") else PackError
+    with pytest.raises(error, match=re.escape(message)):
         pack(src, out, size=32, progress=False, **kwargs)
     if case == "out_not_empty":
         assert (out / "keep.txt").read_text() == "mine" and _leftovers(parent, "out") == ["out"]
@@ -353,7 +360,8 @@ def test_bad_input_fails_clearly_and_leaves_no_out(case: str, message: str, synt
 
 
 def test_cli_prints_the_error_without_traceback_and_exits_2(tmp_path: Path, capsys):
-    assert main([str(tmp_path / "nowhere"), str(tmp_path / "out"), "--no-progress"]) == 2
+    # As `python -m shard_tools.pack` runs it: main inside run_main, which maps the error to exit 2.
+    assert run_main(main, [str(tmp_path / "nowhere"), str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "does not exist" in err and "Traceback" not in err
 
@@ -372,15 +380,25 @@ def test_warns_about_unknown_folders_and_empty_classes(synth_src: Path, tmp_path
     assert sum(m["splits"][s]["count"] for s in SPLITS) == 6 and m["skipped"] == []
 
 
-def test_force_replaces_out_and_an_interrupted_run_leaves_nothing(
+def test_force_replaces_only_a_folder_of_shards_and_an_interrupted_run_leaves_nothing(
     synth_src: Path, tmp_path: Path, monkeypatch
 ):
     src = _small_src(tmp_path / "src", synth_src, per_class=2)
     out = tmp_path / "dest" / "out"
-    out.mkdir(parents=True)
+    pack(src, out, size=32, min_shards=3, progress=False)
+    assert (out / "train-000002.tar").is_file()
+    # A folder of shards is replaced as a whole: no stale shard of the previous run survives.
+    m = pack(src, out, size=32, min_shards=1, progress=False, force=True)
+    listed = {s["file"] for split in SPLITS for s in m["splits"][split]["shards"]}
+    assert {p.name for p in out.iterdir()} == listed | {MANIFEST_NAME}
+    assert not (out / "train-000002.tar").exists()
+    # Anything else in it, and --force refuses, naming the file that would be lost (contract since the
+    # --force fix: it used to delete any folder).
     (out / "old.txt").write_text("old")
-    pack(src, out, size=32, min_shards=1, progress=False, force=True)
-    assert not (out / "old.txt").exists() and (out / MANIFEST_NAME).is_file()
+    with pytest.raises(InputError, match=r"--force would delete .*old\.txt"):
+        pack(src, out, size=32, min_shards=1, progress=False, force=True)
+    assert (out / "old.txt").read_text() == "old" and (out / MANIFEST_NAME).is_file()
+    assert _leftovers(tmp_path / "dest", "out") == ["out"]
 
     calls = []
 

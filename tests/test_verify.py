@@ -5,13 +5,18 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from shard_tools.schema import MANIFEST_NAME
-from shard_tools.verify import check_checksums, main, sha256_file, verify
+from shard_tools.cli import run_main
+from shard_tools.errors import InputError
+from shard_tools.schema import MANIFEST_NAME, ManifestError
+from shard_tools.verify import check_checksums, main, read_manifest, sha256_file, summary_table, verify
 
 
 @pytest.fixture
@@ -99,8 +104,62 @@ def test_wrong_label_inside_a_shard_is_caught(shards: Path):
     assert any("train-000000.tar: sample" in p and "but .json says" in p for p in problems)
 
 
-def test_missing_manifest_or_out(tmp_path: Path):
-    assert verify(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere'} is not a folder"]
+def test_missing_manifest_or_out_is_bad_input(tmp_path: Path, capsys):
+    # Contract since verify went through run_main: nothing to check against is bad input (exit 2), not a
+    # list of problems (exit 1).
+    with pytest.raises(InputError, match="nowhere is not a folder"):
+        verify(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    (problem,) = verify(tmp_path / "empty")
-    assert "manifest.json does not exist" in problem
+    with pytest.raises(ManifestError, match="manifest.json does not exist"):
+        verify(tmp_path / "empty")
+    assert run_main(main, [str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "manifest.json does not exist" in err
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda m: m.update(splits=[]), "splits must map train, val, test to their shards"),
+        (lambda m: m["splits"]["val"]["shards"][0].pop("sha256"), "splits.val.shards[0].sha256 must be"),
+        (lambda m: m.update(classes="COVID"), "classes must be a non-empty list of class names"),
+        (lambda m: m.update(groups={"file": "g.csv"}), "groups.sha256 must be 64 lower-case hex digits"),
+    ],
+    ids=["splits-list", "no-sha256", "classes-string", "groups-malformed"],
+)
+def test_malformed_manifest_is_one_line_and_exit_2(shards: Path, damage, message: str, capsys):
+    manifest = _manifest(shards)
+    damage(manifest)
+    _write_manifest(shards, manifest)
+    assert run_main(main, [str(shards), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "manifest.json" in lines[0], err
+    assert "Traceback" not in err and "problem:" not in err
+
+
+@pytest.mark.slow
+def test_cli_on_a_malformed_manifest_exits_2_without_traceback(shards: Path):
+    manifest = _manifest(shards)
+    manifest["splits"] = []
+    _write_manifest(shards, manifest)
+    res = subprocess.run(
+        [sys.executable, "-m", "shard_tools.verify", str(shards)], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "splits must map" in res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_summary_table_survives_absurd_but_valid_sizes(shards: Path):
+    manifest = _manifest(shards)
+    manifest["splits"]["test"]["shards"][0]["bytes"] = 10**400  # a whole number: the schema accepts it
+    _write_manifest(shards, manifest)
+    problems = verify(shards, workers=1)
+    assert any("test-000000.tar" in p and "bytes, manifest says" in p for p in problems)
+    assert main([str(shards), "--workers", "1"]) == 1
+    # The table's MB column in whole-number arithmetic (a float division would overflow here).
+    console = Console(record=True, width=400)
+    console.print(summary_table(read_manifest(shards), "[title]"))
+    text = console.export_text()
+    assert "[title]" in text and str(10**400 >> 20)[:30] in text

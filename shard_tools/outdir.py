@@ -1,0 +1,87 @@
+"""Where a command may write its output folder OUT, and what ``--force`` may replace.
+
+A command that writes a folder (`shard_tools.pack`, `shard_tools.synth`) builds it in a hidden staging
+folder beside OUT (`files.staging_dir`) and swaps it in at the end (`files.replace_dir`). `prepare_out`
+runs first, before any work:
+
+- OUT absent, or an empty folder: fine.
+- OUT a non-empty folder: refused without ``--force``; with it, replaced only if everything in it is what
+  the command itself writes (`owned` says which entries are, e.g. pack's shards and manifest). Otherwise
+  refused, naming a file that would be lost: ``--force`` never deletes anything else.
+- OUT a file or a symbolic link: refused, even with ``--force``.
+- OUT's folder not writable, or under a regular file: refused, before any work.
+
+Every refusal is an `InputError` (exit 2) with one line naming OUT and what to do. The staging folders
+a killed run left beside OUT are removed here (`files.remove_stale_staging`).
+
+A failure while writing (disk full, a file size limit, an I/O error) is a `WriteError` (exit 1,
+`write_failed`): the command removes its staging folder, so OUT keeps its previous content, or stays
+absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from shard_tools.errors import CxrdistError, InputError
+from shard_tools.files import remove_stale_staging, staging_dir
+
+
+class WriteError(CxrdistError):
+    """Writing the output failed (disk full, file size limit, I/O error). Exit code 1."""
+
+
+def write_failed(out: Path, error: OSError) -> WriteError:
+    """The one-line `WriteError` for an `OSError` met while writing OUT's staging folder."""
+    what = f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+    return WriteError(
+        f"cannot write OUT {out}: {what}. Nothing was left half-written; free some space (or raise the "
+        "file size limit) and run again, or choose another OUT"
+    )
+
+
+def prepare_out(out: Path, *, force: bool, foreign: Callable[[Path], list[str]], owned_what: str) -> Path:
+    """Check OUT (see the module docstring) and return a new staging folder beside it.
+
+    `foreign(out)` lists what in an existing, non-empty OUT the command did not write, (files, or
+    folders with such files); `owned_what` says what it does write, for the messages ("shards and a
+    manifest").
+    """
+    try:
+        if out.is_symlink():
+            raise InputError(
+                f"OUT {out} is a symbolic link; give the folder itself (or a new path) so nothing behind the "
+                "link is replaced"
+            )
+        if out.exists() and not out.is_dir():
+            raise InputError(f"OUT {out} exists and is a file, not a folder; choose another OUT")
+        if out.is_dir() and any(out.iterdir()):
+            if not force:
+                raise InputError(
+                    f"OUT {out} is not empty; pass --force to replace it (only a folder of {owned_what} "
+                    "is replaced), or choose another OUT"
+                )
+            lost = foreign(out)
+            if lost:
+                more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+                raise InputError(
+                    f"OUT {out} holds more than {owned_what}: --force would delete {lost[0]}{more}. "
+                    "Choose another OUT, or move those files away first"
+                )
+        remove_stale_staging(out)
+        return staging_dir(out)
+    except OSError as e:
+        raise InputError(
+            f"OUT {out} cannot be written: {_why(out, e)}; choose a folder you can write to"
+        ) from None
+
+
+def _why(out: Path, error: OSError) -> str:
+    """The reason OUT cannot be made, naming the path at fault rather than a temporary name."""
+    for parent in out.absolute().parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            return f"{error.strerror or error} in {parent}"
+    return str(error.strerror or error)
