@@ -7,6 +7,7 @@ crash or a full disk never leaves a half-written file that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -69,22 +70,31 @@ class ModelMeta:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    temperature: float | None  # calibration.temperature, fitted on the validation split; None: none fitted
     data: dict[str, Any]  # the whole meta.json
 
     @staticmethod
     def from_dict(data: dict[str, Any], source: str) -> ModelMeta:
         try:
-            return ModelMeta(
+            meta = ModelMeta(
                 model_name=str(data["model"]["name"]),
                 in_chans=int(data["model"]["in_chans"]),
                 classes=tuple(data["classes"]),
                 image_size=int(data["image_size"]),
                 mean=tuple(float(v) for v in data["normalization"]["mean"]),
                 std=tuple(float(v) for v in data["normalization"]["std"]),
+                temperature=(data.get("calibration") or {}).get("temperature"),
                 data=data,
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ModelDirError(f"{source}: not a cxrdist meta.json (missing or bad field {e})") from None
+        t = meta.temperature
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
+            raise ModelDirError(
+                f"{source}: calibration.temperature must be a positive number, got {t!r}; fix it, or remove "
+                "the calibration entry"
+            )
+        return meta
 
 
 def export_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: Path) -> None:

@@ -29,11 +29,9 @@ def add_overrides(p: argparse.ArgumentParser, what: str = "the recipe") -> None:
     )
 
 
-def add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "model",
-        help="run directory (uses its best/) or a directory with model.safetensors + meta.json",
-    )
+def add_model(p: argparse.ArgumentParser, onnx: bool = False) -> None:
+    what = "run directory (uses its best/) or a directory with model.safetensors + meta.json"
+    p.add_argument("model", help=what + (", or a .onnx file from cxrdist.export" if onnx else ""))
 
 
 def add_inputs(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -116,6 +116,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """What the end of a run computes on the test split (README, "Reading the test metrics")."""
+
+    bootstrap_resamples: int = _at_least(1000, 0)  # for the 95% intervals; 0 = no intervals
+    calibrate: bool = True  # fit a temperature on the validation split, kept in best/meta.json
+    tta: bool = False  # report test metrics with the mirrored image averaged in, beside the plain ones
+    gradcam_per_class: int = _at_least(4, 0)  # Grad-CAM grid of test images per class; 0 = none
+
+
+@dataclass(frozen=True)
 class DistConfig:
     timeout_s: int = _at_least(600, 1)  # collective timeout: a dead rank fails the job after this
 
@@ -128,6 +138,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     dist: DistConfig = DistConfig()
 
 

@@ -49,7 +49,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cxrdist.rng import derive_seed
 from cxrdist.streams import DataError, manifest_location, open_url, shard_url
-from shard_tools.schema import ManifestError, validate_manifest
+from shard_tools.schema import ManifestError, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,7 @@ def read_manifest(source: str) -> Manifest:
         raise
     except Exception as e:  # OSError, http.client.IncompleteRead, ...
         raise DataError(f"{location}: cannot read the manifest: {e}") from e
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{location}: not a JSON manifest: {e}") from None
-    validate_manifest(data, location)
+    data = parse_manifest(raw, location)
     return Manifest(location, tuple(data["classes"]), int(data["image_size"]), data)
 
 
@@ -473,6 +469,32 @@ def eval_batches(
     )
     # A worker without a shard would only cost a process start.
     yield from _unwrap(_loader(dataset, min(num_workers, len(mine)), pin_memory))
+
+
+def sample_paths(manifest: Manifest, split: str) -> dict[str, str]:
+    """Each sample's source path as recorded by pack (relative to the packed folder: ``<Class>/...``), by
+    key: the provenance members the loaders skip. For joining per-image tables (subgroups) to samples."""
+    paths = {}
+    for url in manifest.shard_urls(split):
+        stream = open_url(url)
+        try:
+            members = tar_file_expander(
+                [{"url": url, "stream": stream}], select_files=lambda f: f.endswith(".json")
+            )
+            for sample in group_by_keys(members):
+                try:
+                    paths[sample["__key__"]] = str(json.loads(sample["json"])["path"])
+                except (KeyError, ValueError, TypeError) as e:
+                    raise DataError(
+                        f"shard {url}: sample {sample.get('__key__')} has no readable .json path ({e})"
+                    ) from None
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"shard {url}: cannot read it ({_reason(e)}): truncated or corrupt?") from e
+        finally:
+            stream.close()
+    return paths
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

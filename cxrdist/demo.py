@@ -1,10 +1,11 @@
-"""The one-command demo: synthetic radiographs -> shards -> training -> evaluation -> Grad-CAM.
+"""The one-command demo: synthetic radiographs -> shards -> training -> test metrics, Grad-CAM, report.
 
     python -m cxrdist.demo [--out DIR]
 
 Needs no download and no GPU: it generates the four-class synthetic dataset (`shard_tools.synth`), packs
-it (`shard_tools.pack`), trains `recipes/demo.toml` in this process, evaluates the best model on the test
-split, and draws a Grad-CAM grid. Finishes in a few minutes on a 2-core CPU.
+it (`shard_tools.pack`) and trains `recipes/demo.toml` in this process; training ends as every run does:
+the best model is calibrated on the validation split and tested (95% intervals, ROC, reliability), a
+Grad-CAM grid is drawn and `run/report.html` written. Finishes in a few minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -15,13 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
-from cxrdist.artifacts import load_trained_model
 from cxrdist.cli import add_overrides
 from cxrdist.config import load_config
-from cxrdist.explain import explain_shards, print_summary
 from shard_tools.cli import positive_int, run_main
 from shard_tools.errors import EXIT_OK, InputError
 
@@ -41,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # What the demo writes into OUT; --force replaces a folder holding only these.
-DEMO_OUTPUTS = ("synthetic", "shards", "run", "gradcam")
+DEMO_OUTPUTS = ("synthetic", "shards", "run")
 
 
 def clear_out(out: Path, force: bool) -> None:
@@ -69,6 +67,7 @@ def clear_out(out: Path, force: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cxrdist.rundir import REPORT_FILE
     from cxrdist.train import train
     from shard_tools.pack import pack
     from shard_tools.synth import generate
@@ -81,27 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(RECIPE, [f"run.dir={out / 'run'}", f"data.shards={out / 'shards'}", *args.overrides])
     clear_out(out, args.force)
     start = time.perf_counter()
-    console.rule("1/4 synthetic radiographs")
+    console.rule("1/3 synthetic radiographs")
     generate(out / "synthetic", per_class=args.per_class, seed=cfg.run.seed)
-    console.rule("2/4 pack into WebDataset shards")
+    console.rule("2/3 pack into WebDataset shards")
     pack(out / "synthetic", out / "shards", size=args.size, seed=cfg.run.seed, min_shards=4)
-    console.rule("3/4 train recipes/demo.toml, then test the best model")
+    console.rule("3/3 train recipes/demo.toml; test, calibrate and explain the best model")
     run_dir = train(cfg)
-    console.rule("4/4 Grad-CAM on test images")
-    model, meta = load_trained_model(run_dir, torch.device("cpu"))
-    summary = explain_shards(
-        model, meta, str(out / "shards"), out / "gradcam", 4, "test", torch.device("cpu")
-    )
-    print_summary(summary, console)
     console.rule(f"done in {time.perf_counter() - start:.0f} s")
-    for path in (
-        run_dir / "test_metrics.json",
-        run_dir / "confusion_test.png",
-        run_dir / "curves.png",
-        Path(summary["grid"]),
-    ):
-        if path.exists():
-            console.print(f"  {path}")
+    console.print(f"open the report: {run_dir / REPORT_FILE}", highlight=False)
     return EXIT_OK
 
 

@@ -1,12 +1,23 @@
-"""Exact evaluation of a model on one split of the shards, on any number of ranks.
+"""Exact evaluation of a model on one split of the shards, on any number of ranks, with the numbers a
+clinical reader asks for: 95% intervals, calibration, operating points, test-time augmentation, subgroups.
 
-Library use (the training loop calls this every epoch)::
+    python -m cxrdist.evaluate RUN_OR_MODEL --shards DIR_OR_URL [--split test] [--tta] [--subgroups FILE.csv]
+    accelerate launch -m cxrdist.evaluate ...            # any number of ranks, identical results
 
-    metrics = evaluate_split(model, manifest, "val", EvalSettings(...), rank=r, world_size=w)
+Library use (the training loop calls the first two every epoch, the third once at the end)::
 
-Every rank evaluates the shards `eval_batches` assigns it (possibly none), then all ranks join one
-all-reduce of the confusion matrix and one gather of the scores. The result is identical on every rank and
-counts every sample of the split exactly once.
+    scores = evaluate_split(model, manifest, "val", EvalSettings(...), rank=r, world_size=w)
+    metrics = split_metrics(scores, manifest.classes, probabilities(scores))
+    report = full_metrics(scores, manifest.classes, Options(temperature=T, resamples=1000, seed=0))
+
+Contract: every rank evaluates the shards `eval_batches` assigns it (possibly none), then all ranks join
+one gather of the per-sample logits, labels and keys (`SplitScores`). The scores are sorted by sample key,
+so they are the same arrays on every rank and for any number of ranks, and every sample of the split is
+counted exactly once (checked against the manifest). Everything after that is a pure function of the
+scores, computed identically on every rank (the main process writes): probabilities (temperature-scaled
+when the model carries a temperature, averaged with the mirrored image under TTA), the metrics of
+`cxrdist.metrics.summarize`, bootstrap intervals (`cxrdist.uncertainty`), calibration before and after the
+temperature (`cxrdist.calibration`), operating points (`cxrdist.operating_points`).
 """
 
 from __future__ import annotations
@@ -17,16 +28,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from rich.console import Console
 
 from cxrdist.artifacts import ModelMeta, find_model_dir, load_trained_model
 from cxrdist.augment import eval_transform
 from cxrdist.cli import add_batching, add_model, check_writable_file
-from cxrdist.data import Manifest, eval_batches, read_manifest, to_device
-from cxrdist.metrics import all_reduce_sum, confusion_matrix, gather_rows, summarize
-from shard_tools.cli import run_main
+from cxrdist.data import Manifest, eval_batches, read_manifest, sample_paths, to_device
+from cxrdist.metrics import gather_objects, gather_rows, summarize
+from shard_tools.cli import non_negative_int, run_main
 from shard_tools.errors import CxrdistError, InputError
 from shard_tools.files import atomic_write_json
 
@@ -43,7 +53,27 @@ class EvalSettings:
     in_chans: int = 3
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = fp32
-    tta_hflip: bool = False  # average the softmax of the image and its mirror image
+    tta_hflip: bool = False  # also score the mirrored image (test-time augmentation)
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """A model's outputs on one split: every sample once, sorted by key (the same on any rank count).
+
+    keys: the samples' WebDataset keys; labels: int64 (N,) ids into the manifest's classes;
+    logits: float32 (N, K); logits_flipped: float32 (N, K) of the horizontally mirrored image, or None.
+    """
+
+    keys: tuple[str, ...]
+    labels: np.ndarray
+    logits: np.ndarray
+    logits_flipped: np.ndarray | None = None
+
+    def subset(self, index: np.ndarray) -> SplitScores:
+        flipped = None if self.logits_flipped is None else self.logits_flipped[index]
+        return SplitScores(
+            tuple(self.keys[i] for i in index), self.labels[index], self.logits[index], flipped
+        )
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -61,21 +91,19 @@ def evaluate_split(
     *,
     rank: int = 0,
     world_size: int = 1,
-) -> dict:
-    """Metrics dict (see `cxrdist.metrics.summarize`) plus `loss`, identical on every rank.
+) -> SplitScores:
+    """The model's `SplitScores` on `split`, identical on every rank (see the module docstring).
 
     `model` must be the unwrapped module: a DDP wrapper would broadcast buffers in forward, and that
     deadlocks when ranks run different numbers of eval batches (a rank may have no shard at all).
-    Raises `EvalError` when the number of samples evaluated differs from the manifest's count.
+    Raises `EvalError` when the samples evaluated differ from the manifest's count.
     """
     was_training = model.training
     model.eval()
     k = len(manifest.classes)
     device = settings.device
-    cm = torch.zeros(k, k, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    probs_parts, label_parts = [], []
-    for images, labels, _keys in eval_batches(
+    logit_parts, flipped_parts, label_parts, keys = [], [], [], []
+    for images, labels, batch_keys in eval_batches(
         manifest,
         split,
         batch_size=settings.batch_size,
@@ -86,34 +114,156 @@ def evaluate_split(
         images, labels = to_device((images, labels), device)
         x = eval_transform(images, settings.in_chans, settings.channels_last)
         with _autocast(device, settings.autocast_dtype):
-            logits = model(x).float()
+            logit_parts.append(model(x).float())
             if settings.tta_hflip:
-                probs = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2
-            else:
-                probs = logits.softmax(1)
-        loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double()
-        cm += confusion_matrix(probs.argmax(1), labels, k)
-        probs_parts.append(probs)
+                flipped_parts.append(model(x.flip(3)).float())
         label_parts.append(labels)
+        keys += batch_keys
     model.train(was_training)
 
-    # Exactly one reduction and one gather, on every rank, whatever it evaluated.
-    cm = all_reduce_sum(cm)
-    loss_sum = all_reduce_sum(loss_sum)
-    probs = torch.cat(probs_parts) if probs_parts else torch.zeros(0, k, device=device)
-    labels = torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.int64, device=device)
-    all_probs = gather_rows(probs.float())
-    all_labels = gather_rows(labels)
-
-    seen, expected = int(cm.sum()), manifest.count(split)
-    if seen != expected:
+    # One gather each, on every rank, whatever it evaluated.
+    empty = torch.zeros(0, k, device=device)
+    logits = gather_rows(torch.cat(logit_parts) if logit_parts else empty).cpu()
+    flipped = gather_rows(torch.cat(flipped_parts) if flipped_parts else empty).cpu()
+    labels = gather_rows(
+        torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.int64, device=device)
+    ).cpu()
+    keys = gather_objects(keys)
+    expected = manifest.count(split)
+    if len(keys) != expected or len(set(keys)) != len(keys):
         raise EvalError(
-            f"evaluated {seen} samples of split '{split}' but the manifest at {manifest.source} lists "
-            f"{expected}. The shards do not match their manifest: run `python -m shard_tools.verify`."
+            f"evaluated {len(keys)} samples ({len(set(keys))} distinct) of split '{split}' but the "
+            f"manifest at {manifest.source} lists {expected}. The shards do not match their manifest: run "
+            "`python -m shard_tools.verify`."
         )
-    metrics = summarize(cm.cpu(), manifest.classes, all_probs.cpu(), all_labels.cpu())
-    metrics["loss"] = float(loss_sum) / max(seen, 1)
+    order = np.argsort(np.array(keys, dtype=object), kind="stable")
+    return SplitScores(
+        keys=tuple(keys[i] for i in order),
+        labels=labels.numpy()[order],
+        logits=logits.numpy()[order],
+        logits_flipped=flipped.numpy()[order] if settings.tta_hflip else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def probabilities(scores: SplitScores, temperature: float | None = None, tta: bool = False) -> np.ndarray:
+    """float64 (N, K): softmax(logits / T), averaged with the mirrored image's when `tta`.
+
+    Dividing by T never changes a row's argmax, so accuracy and the confusion matrix do not depend on it.
+    """
+    from cxrdist.calibration import apply_temperature
+
+    t = temperature or 1.0
+    probs = apply_temperature(scores.logits, t)
+    if tta:
+        if scores.logits_flipped is None:
+            raise ValueError("test-time augmentation needs scores evaluated with tta_hflip=True")
+        probs = (probs + apply_temperature(scores.logits_flipped, t)) / 2
+    return probs
+
+
+def split_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], probs: np.ndarray) -> dict:
+    """`cxrdist.metrics.summarize` of these probabilities (predictions are their argmax), plus `loss`
+    (mean negative log-likelihood). Cheap: what the training loop logs every epoch."""
+    k = len(classes)
+    labels = torch.from_numpy(scores.labels)
+    preds = torch.from_numpy(probs.argmax(1))
+    cm = torch.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
+    metrics = summarize(cm, classes, torch.from_numpy(probs), labels)
+    picked = probs[np.arange(len(scores.labels)), scores.labels] if len(scores.labels) else np.ones(1)
+    metrics["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
     return metrics
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `full_metrics` computes beyond the plain metrics."""
+
+    temperature: float | None = None  # from the model (fitted on val); None = raw softmax
+    tta: bool = False  # report the TTA probabilities, and the plain ones beside them
+    resamples: int = 1000  # bootstrap resamples for the 95% intervals; 0 = no intervals
+    seed: int = 0  # the bootstrap's seed: same seed, same intervals
+    subgroups: dict[str, str] | None = None  # sample key -> subgroup name
+
+
+COMPACT = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def full_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], options: Options) -> dict:
+    """Everything the report and test_metrics.json carry, as one JSON-able dict:
+
+    the metrics of `split_metrics` on the probabilities the model reports (temperature-scaled, TTA-averaged
+    as asked); `intervals` (95%, stratified bootstrap); `calibration` (ECE, Brier, NLL before and after the
+    temperature, reliability bins, of the plain view); `operating_points` (per class, with intervals);
+    `probabilities` (how they were made); with TTA, `without_tta` (the plain view's headline metrics and
+    intervals); with subgroups, `subgroups` (per subgroup: metrics and intervals).
+    """
+    from cxrdist.calibration import calibration_report
+    from cxrdist.operating_points import operating_points
+    from cxrdist.uncertainty import bootstrap_intervals
+
+    probs = probabilities(scores, options.temperature, options.tta)
+    metrics = split_metrics(scores, classes, probs)
+
+    def intervals(p: np.ndarray, labels: np.ndarray) -> dict | None:
+        return bootstrap_intervals(p, labels, classes, resamples=options.resamples, seed=options.seed)
+
+    metrics["intervals"] = intervals(probs, scores.labels)
+    metrics["probabilities"] = {
+        "temperature": options.temperature,
+        "tta_hflip": options.tta,
+        "source": "softmax(logits / temperature)"
+        + (", averaged with the mirrored image" if options.tta else ""),
+    }
+    metrics["calibration"] = calibration_report(scores.logits, scores.labels, options.temperature)
+    metrics["operating_points"] = operating_points(
+        probs, scores.labels, classes, resamples=options.resamples, seed=options.seed
+    )
+    if options.tta:
+        plain = probabilities(scores, options.temperature, tta=False)
+        plain_metrics = split_metrics(scores, classes, plain)
+        plain_intervals = intervals(plain, scores.labels)
+        metrics["without_tta"] = {
+            **{m: plain_metrics[m] for m in (*COMPACT, "loss")},
+            "macro_roc_auc": plain_metrics["macro"]["roc_auc"],
+            "intervals": {m: plain_intervals[m] for m in COMPACT} if plain_intervals else None,
+        }
+    if options.subgroups is not None:
+        metrics["subgroups"] = subgroup_metrics(scores, classes, probs, options)
+    return metrics
+
+
+def subgroup_metrics(scores: SplitScores, classes, probs: np.ndarray, options: Options) -> dict:
+    """Per subgroup (a hospital, an age band, ...): the full metrics of its samples, with intervals."""
+    from cxrdist.uncertainty import bootstrap_intervals
+
+    names = np.array([options.subgroups.get(key, "(not listed)") for key in scores.keys], dtype=object)
+    out = {}
+    for name in sorted(set(names.tolist())):
+        index = np.flatnonzero(names == name)
+        part = scores.subset(index)
+        m = split_metrics(part, classes, probs[index])
+        m.pop("confusion_matrix", None)
+        m["intervals"] = bootstrap_intervals(
+            probs[index], part.labels, classes, resamples=options.resamples, seed=options.seed
+        )
+        out[name] = m
+    return out
+
+
+def read_subgroups(path: Path, manifest: Manifest, split: str) -> dict[str, str]:
+    """`--subgroups FILE.csv` (header `file,subgroup`) as sample key -> subgroup. `file` names an image as
+    `shard_tools.pack --groups` does (its file name, or its path relative to the source folder)."""
+    from shard_tools.groups import read_groups
+
+    paths = sample_paths(manifest, split)  # key -> path relative to the packed source folder
+    by_rel = {rel: key for key, rel in paths.items()}
+    table = read_groups(path, list(by_rel), column="subgroup", option="--subgroups")
+    if not table.groups:
+        raise InputError(f"--subgroups {path}: no row names an image of the {split} split")
+    return {by_rel[rel]: name for rel, name in table.groups.items()}
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -137,24 +287,52 @@ def check_compatible(meta: ModelMeta, manifest: Manifest) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="cxrdist.evaluate",
-        description="Exact per-class evaluation of a trained model on one split of packed shards. "
-        "Runs alone or under `accelerate launch` with any number of processes, with identical results.",
+        description="Exact per-class evaluation of a trained model on one split of packed shards, with 95% "
+        "intervals, calibration and operating points. Runs alone or under `accelerate launch` with any "
+        "number of processes, with identical results.",
     )
     add_model(p)
     p.add_argument("--shards", required=True, help="directory or http(s) URL holding manifest.json")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", type=Path, help="metrics JSON to write (default: MODEL/eval_<split>.json)")
-    p.add_argument("--tta", action="store_true", help="average predictions over the image and its mirror")
+    p.add_argument("--tta", action="store_true", help="average over the image and its mirror; report both")
+    p.add_argument(
+        "--bootstrap", type=non_negative_int, default=1000, help="resamples for the 95%% intervals (0 = none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (same seed, same intervals)")
+    p.add_argument(
+        "--no-temperature", action="store_true", help="raw softmax: ignore the model's fitted temperature"
+    )
+    p.add_argument("--subgroups", type=Path, help="CSV with header file,subgroup: metrics per subgroup")
     add_batching(p, batch_size=128, workers=2)
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     return p.parse_args(argv)
 
 
+def write_plots(
+    metrics: dict, scores: SplitScores, options: Options, classes, paths: dict[str, Path], title: str
+) -> list[Path]:
+    """The confusion matrix, ROC curves with the operating points, and the reliability diagram (before and
+    after the temperature) of `full_metrics(scores, classes, options)`, at `paths["confusion" | "roc" |
+    "reliability"]`. Returns the files written."""
+    from cxrdist.operating_points import roc_curves
+    from cxrdist.plots import plot_confusion, plot_reliability, plot_roc
+
+    probs = probabilities(scores, options.temperature, options.tta)
+    calibration = metrics["calibration"]
+    after = calibration["after"]["bins"] if calibration.get("after") else None
+    return [
+        plot_confusion(metrics["confusion_matrix"], classes, paths["confusion"], title=title),
+        plot_roc(roc_curves(probs, scores.labels, classes), paths["roc"], title=title),
+        plot_reliability(calibration["before"]["bins"], paths["reliability"], title=title, bins_after=after),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
+    from rich.console import Console
 
-    from cxrdist.plots import plot_confusion
-    from cxrdist.report import print_metrics_table  # TODO(tables)
+    from cxrdist.tables import print_metrics_table
 
     args = parse_args(argv)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -165,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     model, meta = load_trained_model(args.model, state.device)
     manifest = read_manifest(args.shards)
     check_compatible(meta, manifest)
+    subgroups = read_subgroups(args.subgroups, manifest, args.split) if args.subgroups else None
     settings = EvalSettings(
         device=state.device,
         batch_size=args.batch_size,
@@ -173,29 +352,31 @@ def main(argv: list[str] | None = None) -> int:
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision),
         tta_hflip=args.tta,
     )
-    metrics = evaluate_split(
+    scores = evaluate_split(
         model, manifest, args.split, settings, rank=state.process_index, world_size=state.num_processes
     )
     if state.is_main_process:
-        result = {
-            **metrics,
-            "split": args.split,
-            "shards": manifest.source,
-            "model": str(find_model_dir(args.model)),
-            "tta_hflip": args.tta,
-        }
-        atomic_write_json(out, result)
-        png = plot_confusion(
-            metrics["confusion_matrix"],
-            manifest.classes,
-            out.with_name(out.stem + "_confusion.png"),
-            title=f"{args.split} split, n={metrics['num_samples']}",
+        options = Options(
+            temperature=None if args.no_temperature else meta.temperature,
+            tta=args.tta,
+            resamples=args.bootstrap,
+            seed=args.seed,
+            subgroups=subgroups,
         )
+        metrics = full_metrics(scores, manifest.classes, options)
+        metrics.update(split=args.split, shards=manifest.source, model=str(find_model_dir(args.model)))
+        title = f"{args.split} split, n={metrics['num_samples']}"
+        atomic_write_json(out, metrics)
+        plots = {
+            kind: out.with_name(f"{out.stem}_{kind}.png") for kind in ("confusion", "roc", "reliability")
+        }
+        written = [out, *write_plots(metrics, scores, options, manifest.classes, plots, title)]
         console = Console(soft_wrap=True)  # paths stay on one line in logs
         print_metrics_table(
             metrics, manifest.classes, console, title=f"{args.split} split of {manifest.source}"
         )
-        console.print(f"wrote {out} and {png}", highlight=False)
+        for path in written:
+            console.print(f"  {path}", highlight=False)
     state.wait_for_everyone()
     return 0
 

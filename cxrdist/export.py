@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -51,7 +50,7 @@ OPSET = 20  # torch 2.14's native opset for the dynamo exporter (no version conv
 MAX_ABS_DIFF = 1e-4  # largest |probability| difference between onnxruntime and PyTorch the export accepts
 CHECK_IMAGES = 3  # random images in the post-export check (3, not the traced 2: the batch really is dynamic)
 
-__all__ = ["ExportResult", "InferenceGraph", "export_onnx", "main", "onnx_metadata", "temperature_of"]
+__all__ = ["ExportResult", "InferenceGraph", "export_onnx", "main", "onnx_metadata"]
 
 
 class InferenceGraph(nn.Module):
@@ -78,27 +77,6 @@ class InferenceGraph(nn.Module):
         if self.temperature is not None:
             logits = logits / self.temperature
         return logits.softmax(dim=1)
-
-
-def temperature_of(meta: ModelMeta) -> float | None:
-    """meta.json's `calibration.temperature` (a positive number), or None when the run has no calibration."""
-    calibration = meta.data.get("calibration")
-    if calibration is None:
-        return None
-    value = calibration.get("temperature") if isinstance(calibration, dict) else None
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise InputError(
-            f"meta.json calibration.temperature must be a positive number, got {value!r}; fix it, or export "
-            "with --no-temperature"
-        )
-    return float(value)
 
 
 def onnx_metadata(meta: ModelMeta, temperature: float | None, input_dtype: str) -> dict[str, str]:
@@ -207,7 +185,7 @@ def export_onnx(
         raise InputError(f"--input-dtype {input_dtype!r}: choose one of {', '.join(INPUT_DTYPES)}")
     _check_out(out, force)
     model_dir, model, meta = _load(run_or_model)
-    temperature = temperature_of(meta) if use_temperature else None
+    temperature = meta.temperature if use_temperature else None
     graph = InferenceGraph(model, meta.in_chans, temperature).eval()
     try:
         data = onnx_bytes(graph, meta, onnx_metadata(meta, temperature, input_dtype), input_dtype)

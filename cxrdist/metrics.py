@@ -109,6 +109,16 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(t.device)
 
 
+def gather_objects(items: list) -> list:
+    """Every rank's list (of picklable objects, e.g. sample keys), concatenated in rank order, on every
+    rank. Every rank must call it. A plain copy without a process group."""
+    if not _distributed():
+        return list(items)
+    parts: list[list] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def roc_auc_ovr(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
     """One-vs-rest ROC-AUC per class, exact: the Mann-Whitney statistic with mid-ranks for ties.
 

@@ -13,6 +13,8 @@ Reads one metrics dict, the JSON written to ``test_metrics.json`` / ``eval_<spli
   before {ece, brier, nll, bins}, after {...} or None}, optionally with ``temperature_fitted_on`` (the
   split name). Printed as one line: ECE and Brier, before -> after temperature scaling.
 
+``without_tta`` (optional, evaluated with TTA): the plain view's headline metrics, one line.
+``subgroups`` (optional): {name: metrics with intervals}, one line each.
 ``operating_points`` (if present) is not printed: it lives in the JSON and on the ROC plot.
 Everything fits in 110 columns (class names up to 15 characters, as "Viral Pneumonia").
 """
@@ -102,6 +104,22 @@ def summary_lines(metrics: dict) -> list[str]:
         if after:
             line += f" -> {_fmt(after['brier'])}"
         lines.append(line)
+    plain = metrics.get("without_tta")
+    if plain:  # evaluated with TTA: the plain view beside it, so the user sees whether TTA helps
+        plain_intervals = plain.get("intervals") or {}
+        parts = [
+            f"{label} {_fmt(plain[key])} {_fmt_interval(plain_intervals.get(key))}".rstrip()
+            for label, key in headline
+        ]
+        lines.append("without TTA: " + "   ".join(parts))
+    subgroups = metrics.get("subgroups")
+    for name, sub in (subgroups or {}).items():
+        sub_intervals = sub.get("intervals") or {}
+        parts = [
+            f"{label} {_fmt(sub[key])} {_fmt_interval(sub_intervals.get(key))}".rstrip()
+            for label, key in headline
+        ]
+        lines.append(f"subgroup {name} (n={sub['num_samples']}): " + "   ".join(parts))
     return lines
 
 

@@ -60,7 +60,16 @@ from cxrdist.distributed import (  # noqa: E402
     lost_rank_message,
     rank_prefix,
 )
-from cxrdist.evaluate import EvalSettings, evaluate_split  # noqa: E402
+from cxrdist.evaluate import (  # noqa: E402
+    EvalSettings,
+    Options,
+    SplitScores,
+    evaluate_split,
+    full_metrics,
+    probabilities,
+    split_metrics,
+    write_plots,
+)
 from cxrdist.models import check_input_size, create_model, input_channels  # noqa: E402
 from cxrdist.optim import (  # noqa: E402
     build_optimizer,
@@ -463,7 +472,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Any) -> d
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def eval_settings(run: Run) -> EvalSettings:
+def eval_settings(run: Run, tta: bool = False) -> EvalSettings:
     cfg = run.cfg
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision)
     return EvalSettings(
@@ -473,6 +482,7 @@ def eval_settings(run: Run) -> EvalSettings:
         in_chans=run.in_chans,
         channels_last=cfg.train.channels_last,
         autocast_dtype=dtype,
+        tta_hflip=tta,
     )
 
 
@@ -496,17 +506,23 @@ def eval_model(run: Run) -> torch.nn.Module:
     return run.ema if run.ema is not None else run.raw_model
 
 
-def evaluate_run(run: Run, split: str) -> dict:
-    """Exact metrics of the evaluation model (EMA if enabled) on `split`; the same dict on every rank."""
+def score_split(run: Run, split: str, tta: bool = False) -> SplitScores:
+    """Per-sample scores of the evaluation model (EMA if enabled) on `split`; the same on every rank."""
     acc = run.accelerator
     return evaluate_split(
         eval_model(run),
         run.manifest,
         split,
-        eval_settings(run),
+        eval_settings(run, tta),
         rank=acc.process_index,
         world_size=acc.num_processes,
     )
+
+
+def validate(run: Run) -> dict:
+    """The per-epoch validation metrics (raw softmax, no intervals: cheap)."""
+    scores = score_split(run, "val")
+    return split_metrics(scores, run.manifest.classes, probabilities(scores))
 
 
 def export_best(run: Run, epoch: int, val: dict) -> dict[str, torch.Tensor]:
@@ -591,7 +607,7 @@ def fit(run: Run, resume: bool) -> None:
     with progress:
         for epoch in range(state.epochs_done + 1, cfg.train.epochs + 1):
             stats = train_one_epoch(run, state, epoch, progress)
-            val = evaluate_run(run, "val")
+            val = validate(run)
             state.epochs_done = epoch
             is_best = improved(val[metric_name], state.best_value, metric_name)
             if is_best:
@@ -625,41 +641,85 @@ def fit(run: Run, resume: bool) -> None:
                 acc.print(f"early stop: no {metric_name} improvement for {state.bad_epochs} epochs")
                 break
 
-    # Test the best weights, identically on every rank.
+    # Calibrate and test the best weights, identically on every rank.
     if best_state is not None:
         eval_model(run).load_state_dict(best_state)
-    test = evaluate_run(run, "test")
+    temperature = calibrate(run) if cfg.eval.calibrate and state.best_epoch else None
+    test = score_split(run, "test", tta=cfg.eval.tta)
     if acc.is_main_process:
-        finish_outputs(run, state, test)
+        finish_outputs(run, state, test, temperature)
 
 
-def finish_outputs(run: Run, state: TrainState, test: dict) -> None:
-    """test_metrics.json and plots; print the result table and the files written. Main process only."""
+def calibrate(run: Run) -> float:
+    """Fit one temperature on the validation split (the best weights) and keep it in best/meta.json, where
+    evaluate, predict and the ONNX export apply it. Same value on every rank; the main process writes."""
+    from cxrdist.calibration import fit_temperature, negative_log_likelihood
+
+    scores = score_split(run, "val")
+    temperature = fit_temperature(scores.logits, scores.labels)
+    if run.accelerator.is_main_process:
+        meta_path = run.run_dir / BEST_DIR / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta["calibration"] = {
+            "temperature": temperature,
+            "fitted_on": "val",
+            "method": "temperature scaling: one T > 0 minimising the NLL of softmax(logits / T)",
+            "val_nll_before": negative_log_likelihood(scores.logits, scores.labels),
+            "val_nll_after": negative_log_likelihood(scores.logits, scores.labels, temperature),
+        }
+        atomic_write_json(meta_path, meta)
+    run.accelerator.print(f"calibration: temperature {temperature:.3f} fitted on the validation split")
+    return temperature
+
+
+def finish_outputs(run: Run, state: TrainState, test: SplitScores, temperature: float | None) -> None:
+    """test_metrics.json, plots, the Grad-CAM grid and report.html; print the result table and every file
+    written, the report last. Main process only."""
     from rich.console import Console
 
-    from cxrdist.plots import plot_confusion, plot_curves
-    from cxrdist.report import print_metrics_table  # TODO(tables)
+    from cxrdist.plots import plot_curves
+    from cxrdist.tables import print_metrics_table
 
-    out = {**test, "best_epoch": state.best_epoch, "split": "test", "provenance": provenance()}
-    atomic_write_json(run.run_dir / TEST_METRICS_FILE, out)
+    cfg, classes, run_dir = run.cfg, run.manifest.classes, run.run_dir
+    options = Options(temperature, cfg.eval.tta, cfg.eval.bootstrap_resamples, cfg.run.seed)
+    metrics = full_metrics(test, classes, options)
+    out = {**metrics, "best_epoch": state.best_epoch, "split": "test", "provenance": provenance()}
+    atomic_write_json(run_dir / TEST_METRICS_FILE, out)
+    title = f"test, best epoch {state.best_epoch}"
+    plots = {kind: run_dir / f"{kind}_test.png" for kind in ("confusion", "roc", "reliability")}
     written = [
-        run.run_dir / TEST_METRICS_FILE,
-        plot_confusion(
-            test["confusion_matrix"],
-            run.manifest.classes,
-            run.run_dir / "confusion_test.png",
-            title=f"test, best epoch {state.best_epoch}",
-        ),
-        plot_curves(read_metrics_rows(run.run_dir), run.run_dir / "curves.png"),
+        run_dir / TEST_METRICS_FILE,
+        *write_plots(metrics, test, options, classes, plots, title),
+        plot_curves(read_metrics_rows(run_dir), run_dir / "curves.png"),
     ]
     console = Console(soft_wrap=True)  # paths stay on one line in logs
-    print_metrics_table(
-        test, run.manifest.classes, console, title=f"test split (best epoch {state.best_epoch})"
-    )
-    console.print(f"run directory: {run.run_dir}")
+    print_metrics_table(metrics, classes, console, title=f"test split (best epoch {state.best_epoch})")
+    if cfg.eval.gradcam_per_class and state.best_epoch:
+        written.append(gradcam(run))
+    written.append(write_report(run_dir))
+    console.print(f"run directory: {run_dir}")
     for path in written:
-        if path is not None and Path(path).exists():
-            console.print(f"  {path}")
+        console.print(f"  {path}", highlight=False)
+
+
+def gradcam(run: Run) -> Path:
+    """The Grad-CAM grid of test images per class, and its summary (run.dir/gradcam/)."""
+    from cxrdist.artifacts import load_trained_model
+    from cxrdist.explain import explain_shards
+
+    out = run.run_dir / "gradcam"
+    model, meta = load_trained_model(run.run_dir, run.accelerator.device)
+    summary = explain_shards(
+        model, meta, run.manifest.source, out, run.cfg.eval.gradcam_per_class, "test", run.accelerator.device
+    )
+    atomic_write_json(out / "explain_summary.json", {"model": str(run.run_dir / BEST_DIR), "shards": summary})
+    return Path(summary["grid"])
+
+
+def write_report(run_dir: Path) -> Path:
+    from cxrdist.report import write_report as write
+
+    return write(run_dir)
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -307,3 +307,33 @@ def test_fp16_needs_a_gpu(train_shards, tmp_path):
         *fast_overrides(tmp_path / "fp16", train_shards, 1, "train.mixed_precision=fp16"),
     )
     assert res.returncode == 2 and "fp16" in res.stderr and "bf16" in res.stderr
+
+
+def test_the_same_recipe_learns_alike_on_one_and_two_ranks(cnn_shards, tmp_path):
+    """The study CNN's recipe on 1 and 2 gloo ranks: two ranks double the global batch, so the learning
+    rate doubles (linear rule for SGD) and, with the same seeds, test accuracy matches within noise."""
+    accuracy: dict[int, list[float]] = {1: [], 2: []}
+    for ranks in (1, 2):
+        for seed in (0, 1):
+            run_dir = tmp_path / f"r{ranks}s{seed}"
+            sets = [
+                f"run.dir={run_dir}",
+                f"data.shards={cnn_shards}",
+                "train.epochs=5",
+                "train.per_device_batch_size=16",
+                "optim.lr_base_batch=16",
+                f"run.seed={seed}",
+                "train.mixed_precision=no",
+                "data.num_workers=0",
+                "eval.bootstrap_resamples=0",
+                "eval.gradcam_per_class=0",
+            ]
+            args = ("recipes/cnn.toml", *[a for s in sets for a in ("--set", s)])
+            res = accelerate_launch(ranks, "cxrdist.train", *args, timeout=600)
+            assert res.returncode == 0, res.stderr[-3000:]
+            expected_lr = 0.01 * ranks
+            assert f"learning rate {expected_lr:.4g}" in res.stdout and "linear scaling" in res.stdout
+            accuracy[ranks].append(json.loads((run_dir / "test_metrics.json").read_text())["accuracy"])
+    mean = {r: sum(v) / len(v) for r, v in accuracy.items()}
+    assert mean[1] > 0.5, accuracy  # the recipe learns at all (chance is 0.25)
+    assert abs(mean[1] - mean[2]) <= 0.08, accuracy
