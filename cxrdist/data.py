@@ -588,6 +588,22 @@ class DeviceCache:
         index = torch.tensor(order, dtype=torch.int64)
         return DeviceCache(images[index].to(device), labels[index].to(device), [keys[i] for i in order])
 
+    def eval_batches(
+        self, *, batch_size: int, rank: int, world_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """This rank's rows ``rank::world_size`` as (uint8 (B, 1, H, W), int64 (B,), keys) batches already on
+        the device, B <= `batch_size`: over all ranks every cached sample exactly once, as `eval_batches`."""
+        _check_rank(rank, world_size)
+        rows = range(rank, len(self), world_size)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            index = torch.arange(chunk.start, chunk.stop, chunk.step, device=self.images.device)
+            yield (
+                self.images.index_select(0, index),
+                self.labels.index_select(0, index),
+                [self.keys[i] for i in chunk],
+            )
+
     def train_batches(
         self, *, batch_size: int, steps: int, epoch: int, seed: int, rank: int, world_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

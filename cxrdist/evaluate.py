@@ -34,7 +34,7 @@ import torch
 from cxrdist.artifacts import ModelMeta, find_model_dir, load_trained_model
 from cxrdist.augment import eval_transform
 from cxrdist.cli import add_batching, add_model, check_writable_file
-from cxrdist.data import Manifest, eval_batches, read_manifest, sample_paths, to_device
+from cxrdist.data import DeviceCache, Manifest, eval_batches, read_manifest, sample_paths, to_device
 from cxrdist.metrics import gather_objects, gather_rows, summarize
 from shard_tools.cli import non_negative_int, run_main
 from shard_tools.errors import CxrdistError, InputError
@@ -91,8 +91,12 @@ def evaluate_split(
     *,
     rank: int = 0,
     world_size: int = 1,
+    cache: DeviceCache | None = None,
 ) -> SplitScores:
     """The model's `SplitScores` on `split`, identical on every rank (see the module docstring).
+
+    With `cache` (the whole split already on the device, `DeviceCache.load`) the batches are slices of it
+    instead of being read and decoded from the shards again: the same samples, the same scores.
 
     `model` must be the unwrapped module: a DDP wrapper would broadcast buffers in forward, and that
     deadlocks when ranks run different numbers of eval batches (a rank may have no shard at all).
@@ -103,14 +107,18 @@ def evaluate_split(
     k = len(manifest.classes)
     device = settings.device
     logit_parts, flipped_parts, label_parts, keys = [], [], [], []
-    for images, labels, batch_keys in eval_batches(
-        manifest,
-        split,
-        batch_size=settings.batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=settings.num_workers,
-    ):
+    if cache is not None:
+        batches = cache.eval_batches(batch_size=settings.batch_size, rank=rank, world_size=world_size)
+    else:
+        batches = eval_batches(
+            manifest,
+            split,
+            batch_size=settings.batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_workers=settings.num_workers,
+        )
+    for images, labels, batch_keys in batches:
         images, labels = to_device((images, labels), device)
         x = eval_transform(images, settings.in_chans, settings.channels_last)
         with _autocast(device, settings.autocast_dtype):

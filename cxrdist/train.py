@@ -124,7 +124,8 @@ class Run:
     ema: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
     weight: torch.Tensor | None
-    cache: DeviceCache | None
+    cache: DeviceCache | None  # the train split on the device (data.cache = "device"), else None
+    val_cache: DeviceCache | None  # the val split too, when both fit data.cache_max_gb
     run_dir: Path
     in_chans: int  # model.in_chans resolved (1 or 3)
     steps: int  # micro-batches per epoch per rank
@@ -263,16 +264,22 @@ def setup(cfg: Config, accelerator: Any, resume: bool) -> Run:
     accelerator.print(lr_line(cfg, world, global_batch, peak_lr))
 
     weight = class_weights(manifest.class_counts("train")).to(device) if cfg.train.class_weights else None
-    cache = None
+    cache = val_cache = None
     if cfg.data.cache == "device":
+        budget = int(cfg.data.cache_max_gb * 1e9)
         cache = DeviceCache.load(
             manifest,
             "train",
             device,
-            int(cfg.data.cache_max_gb * 1e9),
+            budget,
             num_workers=cfg.data.num_workers,
             max_bad_samples=cfg.data.max_bad_samples,
         )
+        # Validation every epoch from memory too, when it fits beside train (never skipping a sample:
+        # evaluation is exact).
+        room = budget - DeviceCache.bytes_needed(manifest, "train")
+        if cache is not None and DeviceCache.bytes_needed(manifest, "val") <= room:
+            val_cache = DeviceCache.load(manifest, "val", device, room, num_workers=cfg.data.num_workers)
     run = Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -283,6 +290,7 @@ def setup(cfg: Config, accelerator: Any, resume: bool) -> Run:
         optimizer=optimizer,
         weight=weight,
         cache=cache,
+        val_cache=val_cache,
         run_dir=run_dir,
         in_chans=in_chans,
         steps=steps,
@@ -516,6 +524,7 @@ def score_split(run: Run, split: str, tta: bool = False) -> SplitScores:
         eval_settings(run, tta),
         rank=acc.process_index,
         world_size=acc.num_processes,
+        cache=run.val_cache if split == "val" else None,
     )
 
 
