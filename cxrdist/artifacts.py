@@ -1,7 +1,10 @@
-"""Files a run leaves behind: atomic writes, provenance, and the exported model (`best/`).
+"""A trained model on disk: the exported model folder (`best/`: model.safetensors + meta.json), finding and
+loading it, and the provenance every output records (cxrdist version, git commit, torch version).
 
-Writes go through `shard_tools.files` (a temporary name in the target's own folder, then a rename), so a
-crash or a full disk never leaves a half-written file that looks complete.
+Contract of meta.json (`ModelMeta`): model name and input channels, class names in label order, image size,
+normalisation, and, once training has calibrated it, `calibration.temperature`. A model is only ever used
+with it. The folder is written through `shard_tools.files` (a temporary folder, then a rename), so a crash
+or a full disk never leaves a half-written model that looks complete.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import cxrdist
 from shard_tools.errors import CxrdistError, InputError
-from shard_tools.files import atomic_write_bytes, atomic_write_json, replace_dir, staging_dir  # noqa: F401 TODO(plots) transitional
+from shard_tools.files import atomic_write_json, replace_dir, staging_dir
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"

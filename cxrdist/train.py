@@ -137,6 +137,12 @@ class Run:
     generator: torch.Generator  # augmentation draws, on the device; re-seeded every step
 
 
+def say(accelerator: Any, message: str) -> None:
+    """Print on the job's main process only (`accelerator.print` prints once per node)."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
 def keep_freed_memory() -> None:
     """Let glibc keep freed large blocks for reuse instead of unmapping them (training on the CPU).
 
@@ -204,9 +210,9 @@ def verify_shards(accelerator: Any, manifest: Manifest) -> None:
         location = Path(manifest.source)
         if location.exists():
             problems = check_checksums(location.parent, manifest.data)
-            accelerator.print(f"data.verify_checksums: {'FAILED' if problems else 'all shards match'}")
+            say(accelerator, f"data.verify_checksums: {'FAILED' if problems else 'all shards match'}")
         else:  # remote: hashing would mean downloading every shard twice
-            accelerator.print(f"data.verify_checksums: {manifest.source} is remote; checksums not verified")
+            say(accelerator, f"data.verify_checksums: {manifest.source} is remote; checksums not verified")
     if not all_ranks_ok(accelerator, not problems):
         shown = "; ".join(problems[:5]) or "see the main process's output"
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -261,7 +267,7 @@ def setup(cfg: Config, accelerator: Any, resume: bool) -> Run:
     steps = math.ceil(steps / cfg.train.grad_accum_steps) * cfg.train.grad_accum_steps
     opt_steps_per_epoch = steps // cfg.train.grad_accum_steps
     warmup_steps = round(cfg.optim.warmup_epochs * opt_steps_per_epoch)
-    accelerator.print(lr_line(cfg, world, global_batch, peak_lr))
+    say(accelerator, lr_line(cfg, world, global_batch, peak_lr))
 
     weight = class_weights(manifest.class_counts("train")).to(device) if cfg.train.class_weights else None
     cache = val_cache = None
@@ -582,8 +588,10 @@ def fit(run: Run, resume: bool) -> None:
     if resume:
         ckpt = latest_checkpoint(run.run_dir)
         state = load_checkpoint(acc, ckpt, run.ema)
-        acc.print(
-            f"resumed from {ckpt} (epoch {state.epochs_done} done, {state.step_in_epoch} steps into the next)"
+        say(
+            acc,
+            f"resumed from {ckpt} (epoch {state.epochs_done} done, "
+            f"{state.step_in_epoch} steps into the next)",
         )
         if acc.is_main_process:  # drop rows of epochs after the checkpoint: they will be redone
             rows = [r for r in read_metrics_rows(run.run_dir) if r["epoch"] <= state.epochs_done]
@@ -596,11 +604,12 @@ def fit(run: Run, resume: bool) -> None:
                 raise TrainError(f"--resume: {best_file} is missing; every rank must see the run directory")
             best_state = load_file(str(best_file))
 
-    acc.print(
+    say(
+        acc,
         f"cxrdist: {cfg.model.name} on {acc.num_processes} process(es), device {acc.device}, "
         f"{run.manifest.count('train')} train images, {run.steps} steps/epoch of "
         f"{cfg.train.per_device_batch_size} per device, mixed precision {run.mixed_precision}, "
-        f"input {'device cache' if run.cache is not None else 'streaming'}"
+        f"input {'device cache' if run.cache is not None else 'streaming'}",
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -636,10 +645,11 @@ def fit(run: Run, resume: bool) -> None:
                 | {f"val/{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")},
                 step=epoch,
             )
-            acc.print(
+            say(
+                acc,
                 f"epoch {epoch:3d}/{cfg.train.epochs}  train_loss {stats['train_loss']:.4f}  "
                 f"val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.4f}  val_macro_f1 "
-                f"{val['macro_f1']:.4f}  {stats['images_per_s']:,.0f} img/s{'  *best*' if is_best else ''}"
+                f"{val['macro_f1']:.4f}  {stats['images_per_s']:,.0f} img/s{'  *best*' if is_best else ''}",
             )
             save_checkpoint(acc, run.run_dir, state, run.ema, cfg.run.keep_checkpoints)
             if any_rank(acc, bool(run.stop.signal_name)):  # a signal during evaluation or saving
@@ -647,7 +657,7 @@ def fit(run: Run, resume: bool) -> None:
                     run.stop.signal_name or "a signal on another rank", latest_checkpoint(run.run_dir)
                 )
             if cfg.train.patience and state.bad_epochs >= cfg.train.patience:
-                acc.print(f"early stop: no {metric_name} improvement for {state.bad_epochs} epochs")
+                say(acc, f"early stop: no {metric_name} improvement for {state.bad_epochs} epochs")
                 break
 
     # Calibrate and test the best weights, identically on every rank.
@@ -677,7 +687,7 @@ def calibrate(run: Run) -> float:
             "val_nll_after": negative_log_likelihood(scores.logits, scores.labels, temperature),
         }
         atomic_write_json(meta_path, meta)
-    run.accelerator.print(f"calibration: temperature {temperature:.3f} fitted on the validation split")
+    say(run.accelerator, f"calibration: temperature {temperature:.3f} fitted on the validation split")
     return temperature
 
 

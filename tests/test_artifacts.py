@@ -11,12 +11,12 @@ import torch
 
 from cxrdist.artifacts import (
     ModelDirError,
-    atomic_write_json,
     export_model,
     find_model_dir,
     load_model_files,
     provenance,
 )
+from shard_tools.files import atomic_write_json
 
 
 def test_atomic_write_leaves_one_file_with_umask_permissions(tmp_path):
