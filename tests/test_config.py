@@ -146,3 +146,12 @@ def test_fuzzed_overrides_only_ever_raise_config_error(items):
         load_config(None, items)
     except ConfigError as e:
         assert str(e)
+
+
+@pytest.mark.parametrize("value", ["[2.0, -1.0]", "[0.5]", "[0.9, 0.5]", "[0.0, 1.0]"])
+def test_crop_scale_is_checked_when_the_recipe_loads(value):
+    """Not at the first training step, minutes later: a config error naming the key."""
+    with pytest.raises(
+        ConfigError, match=r"\[augment\] crop_scale: must be \[lo, hi\] with 0 < lo <= hi <= 1"
+    ):
+        load_config(None, [f"augment.crop_scale={value}"])

@@ -680,6 +680,7 @@ def test_cli_garbage_recipes_and_overrides_exit_2_without_traceback(tmp_path, ca
         ([str(ROOT / "recipes/cnn.toml"), "--set", "optim.lr=-1"], "[optim] lr: must be > 0"),
         ([str(ROOT / "recipes/cnn.toml"), "--set", "data.nope=1"], "unknown key 'data.nope'"),
         ([str(ROOT / "recipes/cnn.toml"), "--set", 'run.dir="a\\u0000"'], "contains a NUL"),
+        ([str(ROOT / "recipes/cnn.toml"), "--set", "augment.crop_scale=[2.0, -1.0]"], "[augment] crop_scale"),
     ]:
         assert main(argv) == 2, argv
         err = " ".join(capsys.readouterr().err.split())
