@@ -21,13 +21,14 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cxrdist.distributed import all_ranks_ok
 from shard_tools.errors import CxrdistError, InputError
 from shard_tools.files import atomic_write_json, replace_dir
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINTS = "checkpoints"
 TRAIN_STATE_FILE = "train_state.json"

@@ -14,13 +14,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from shard_tools.errors import EXIT_SIGINT, EXIT_SIGTERM, CxrdistError
 
 
 def all_ranks_ok(accelerator: Any, ok: bool) -> bool:
     """True only if `ok` holds on every rank, so that all ranks fail together instead of hanging."""
+    import torch  # here: the module stays importable without torch (cxrdist.report reads run folders)
+
     flag = torch.tensor([1 if ok else 0], device=accelerator.device)
     return bool(accelerator.gather(flag).min().item() == 1)
 
@@ -29,6 +29,8 @@ def any_rank(accelerator: Any, flag: bool) -> bool:
     """True if `flag` holds on any rank (one tiny all-reduce; free on one process)."""
     if accelerator.num_processes == 1:
         return flag
+    import torch
+
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
@@ -77,6 +79,8 @@ def lost_rank(e: BaseException) -> bool:
     """Whether `e` is a collective failing because another rank died or stopped answering."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return False
+    import torch
+
     return isinstance(e, torch.distributed.DistError) or any(sign in str(e) for sign in _LOST_RANK_SIGNS)
 
 

@@ -226,6 +226,8 @@ def full_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], opti
         + (", averaged with the mirrored image" if options.tta else ""),
     }
     metrics["calibration"] = calibration_report(scores.logits, scores.labels, options.temperature)
+    if options.temperature is not None:
+        metrics["calibration"]["temperature_fitted_on"] = "val"  # the only split cxrdist.train fits it on
     metrics["operating_points"] = operating_points(
         probs, scores.labels, classes, resamples=options.resamples, seed=options.seed
     )

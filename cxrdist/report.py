@@ -9,10 +9,12 @@ Reads what the run wrote; only ``test_metrics.json`` is required:
 - ``manifest.json``: ``classes``, ``splits.<split>.class_counts``, ``source``, ``command``, and, when
   ``pack --groups`` wrote them, the top-level ``groups`` and ``splits.<split>.groups`` (`shard_tools.schema`).
 - ``metrics.jsonl``: one row per epoch (``epoch``, ``train_loss``, ``val``, ``lr``, ``epoch_seconds``, ...).
-- ``test_metrics.json``: `cxrdist.metrics.summarize` keys, ``best_epoch``, ``provenance``, and optionally
-  ``intervals`` (`cxrdist.uncertainty`), ``calibration`` (`cxrdist.calibration`), ``operating_points``
-  (`cxrdist.operating_points`), ``without_tta`` (compact metrics) / ``tta`` / ``tta_hflip``, ``subgroups``
-  ({name: {num_samples, accuracy, ..., intervals}}).
+- ``test_metrics.json`` (`cxrdist.evaluate.full_metrics`): `cxrdist.metrics.summarize` keys, ``best_epoch``,
+  ``provenance``, and optionally ``intervals`` (`cxrdist.uncertainty`), ``calibration``
+  (`cxrdist.calibration`), ``operating_points`` (`cxrdist.operating_points`), ``probabilities`` {source,
+  temperature, tta_hflip}, ``without_tta`` (headline metrics and intervals of the plain view),
+  ``subgroups`` ({name: metrics with intervals}).
+- ``best/meta.json``: ``calibration.fitted_on``, the split the temperature was fitted on.
 - ``confusion_test.png``, ``curves.png``, ``roc_test.png``, ``reliability_test.png`` (`cxrdist.plots`);
   ``gradcam/explain_summary.json`` (its ``shards`` entry: `cxrdist.explain.explain_shards`) and
   ``gradcam/gradcam_grid_<split>.png``.
@@ -23,7 +25,8 @@ section whose inputs are all absent is left out (the core ones are named in one 
 contents); a missing or damaged image inside a section is one muted line, never a broken image. Values
 print with 4 decimals and intervals with 2, as the terminal table (`cxrdist.tables`) does.
 
-Only the standard library is imported (no torch, no matplotlib): writing the report takes milliseconds.
+Only the standard library and shard_tools are imported (no torch, numpy or matplotlib): writing the report
+takes milliseconds.
 """
 
 from __future__ import annotations
@@ -46,24 +49,25 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from cxrdist.rundir import (
+    BEST_META,
+    CONFIG_FILE,
+    CONFUSION_PNG,
+    CURVES_PNG,
+    EXPLAIN_SUMMARY,
+    GRADCAM_DIR,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    RELIABILITY_PNG,
+    REPORT_FILE,
+    ROC_PNG,
+    TEST_METRICS_FILE,
+)
 from shard_tools.cli import run_main
 from shard_tools.errors import EXIT_OK, CxrdistError, InputError
 from shard_tools.files import atomic_write_text
+from shard_tools.schema import SPLITS
 
-# File names inside run.dir (the same as cxrdist.rundir's, which imports torch; a test keeps them equal).
-REPORT_FILE = "report.html"
-CONFIG_FILE = "config.toml"
-MANIFEST_FILE = "manifest.json"
-METRICS_FILE = "metrics.jsonl"
-TEST_METRICS_FILE = "test_metrics.json"
-CONFUSION_PNG = "confusion_test.png"
-CURVES_PNG = "curves.png"
-ROC_PNG = "roc_test.png"
-RELIABILITY_PNG = "reliability_test.png"
-GRADCAM_DIR = "gradcam"
-EXPLAIN_SUMMARY = "explain_summary.json"
-
-SPLITS = ("train", "val", "test")
 CLASS_METRICS = (
     ("precision", "precision"),
     ("recall", "recall (sensitivity)"),
@@ -76,6 +80,7 @@ HEADLINE = (
     ("balanced_accuracy", "balanced accuracy"),
     ("macro_f1", "macro F1"),
     ("weighted_f1", "weighted F1"),
+    ("macro_roc_auc", "macro ROC-AUC"),
 )
 NOT_WRITTEN = "not written by this run"
 
@@ -133,6 +138,7 @@ nav ol{columns:2;margin:.3rem 0}
   nav{display:none}
   h2{break-after:avoid}
   figure,table,dl,.warn{break-inside:avoid}
+  img{max-height:22cm;width:auto}
   a{color:inherit;text-decoration:none}
 }
 """
@@ -154,6 +160,7 @@ class Run:
     header: dict[str, str]  # its "# key: value" lines
     rows: list[dict[str, Any]]  # metrics.jsonl
     explain: dict[str, Any] | None  # explain_summary.json's "shards" entry
+    model_meta: dict[str, Any] | None  # best/meta.json (where the fitted temperature is recorded)
     problems: dict[str, str]  # file name -> why it could not be read
 
     @property
@@ -174,14 +181,15 @@ class Run:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path, problems: dict[str, str]) -> Any:
+def _read_json(run_dir: Path, relative: str, problems: dict[str, str]) -> Any:
     """An optional JSON file: None when absent; when unreadable, None and a note in `problems`."""
+    path = run_dir / relative
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        problems[path.name] = f"could not be read ({e})"
+        problems[relative] = f"could not be read ({e})"
         return None
 
 
@@ -223,7 +231,7 @@ def read_run(run_dir: Path) -> Run:
         raise ReportError(f"{metrics_path}: not a metrics file written by cxrdist (no per_class table)")
 
     problems: dict[str, str] = {}
-    manifest = _read_json(run_dir / MANIFEST_FILE, problems)
+    manifest = _read_json(run_dir, MANIFEST_FILE, problems)
     if manifest is not None and not isinstance(manifest, dict):
         problems[MANIFEST_FILE], manifest = "is not a JSON object", None
     config_text, config, header = None, {}, {}
@@ -241,8 +249,9 @@ def read_run(run_dir: Path) -> Run:
             rows = [json.loads(line) for line in lines if line.strip()]
         except (OSError, ValueError) as e:
             problems[METRICS_FILE] = f"could not be read ({e})"
-    summary = _read_json(run_dir / GRADCAM_DIR / EXPLAIN_SUMMARY, problems)
+    summary = _read_json(run_dir, f"{GRADCAM_DIR}/{EXPLAIN_SUMMARY}", problems)
     explain = summary.get("shards") if isinstance(summary, dict) else None
+    model_meta = _read_json(run_dir, BEST_META, problems)
     return Run(
         run_dir=run_dir,
         metrics=metrics,
@@ -252,6 +261,7 @@ def read_run(run_dir: Path) -> Run:
         header=header,
         rows=[r for r in rows if isinstance(r, dict)],
         explain=explain if isinstance(explain, dict) else None,
+        model_meta=model_meta if isinstance(model_meta, dict) else None,
         problems=problems,
     )
 
@@ -350,6 +360,21 @@ def _get(data: Any, *keys: str) -> Any:
     return data
 
 
+def _headline(metrics: dict[str, Any], key: str) -> tuple[Any, Any]:
+    """(value, interval) of a headline metric, from full metrics or a compact dict such as ``without_tta``
+    (which carries ``macro_roc_auc`` itself rather than under ``macro``)."""
+    intervals = metrics.get("intervals") if isinstance(metrics.get("intervals"), dict) else {}
+    if key == "macro_roc_auc":
+        value = metrics.get(key, _get(metrics, "macro", "roc_auc"))
+        return value, intervals.get(key) or _get(intervals, "macro", "roc_auc")
+    return metrics.get(key), intervals.get(key)
+
+
+def _uses_tta(metrics: dict[str, Any]) -> bool:
+    """Whether the reported probabilities average each image with its mirror image."""
+    return bool(metrics.get("tta") or metrics.get("tta_hflip") or _get(metrics, "probabilities", "tta_hflip"))
+
+
 def _interval_note(run: Run) -> str:
     settings = run.intervals.get("settings")
     if not isinstance(settings, dict):
@@ -375,12 +400,10 @@ def _level(run: Run) -> str:
 
 def section_summary(run: Run) -> str:
     """Headline metrics with intervals, and what they were measured on."""
-    m, ci = run.metrics, run.intervals
+    m = run.metrics
     rows = []
-    items = [(key, label, m.get(key), ci.get(key)) for key, label in HEADLINE]
-    auc = ("macro_roc_auc", "macro ROC-AUC", _get(m, "macro", "roc_auc"), _get(ci, "macro", "roc_auc"))
-    items.append(auc)
-    for key, label, value, interval in items:
+    for key, label in HEADLINE:
+        value, interval = _headline(m, key)
         rows.append(
             f'<tr data-metric="{key}"><th>{label}</th><td class="num value">{fmt(value)}</td>'
             f'<td class="num interval">{fmt_interval(interval) or "–"}</td></tr>'
@@ -388,12 +411,15 @@ def section_summary(run: Run) -> str:
     table = _table(["metric", "#test split", f"#{_level(run)} interval"], rows, table_id="summary")
     facts = [f"{_count(m.get('num_samples'))} test images"]
     if m.get("best_epoch") is not None:
-        facts.append(f"best epoch {esc(m['best_epoch'])}" + (f" of {len(run.rows)} run" if run.rows else ""))
+        facts.append(f"best epoch {esc(m['best_epoch'])}" + (f" of {len(run.rows)}" if run.rows else ""))
     model = _get(run.config, "model", "name")
     if model:
         facts.append(f"model <code>{esc(model)}</code>")
-    if m.get("tta") or m.get("tta_hflip"):
-        facts.append("with test-time augmentation (image and mirror image averaged)")
+    source = _get(m, "probabilities", "source")
+    if source:
+        facts.append(f"probabilities: {esc(source)}")
+    elif _uses_tta(m):
+        facts.append("probabilities averaged with the mirrored image's (test-time augmentation)")
     return f"{table}<p class=note>{'; '.join(facts)}.</p><p class=note>{_interval_note(run)}</p>"
 
 
@@ -621,7 +647,7 @@ def section_calibration(run: Run) -> str:
     parts.append(_table(head, rows, table_id="calibration"))
     temperature = cal.get("temperature")
     if isinstance(after, dict) and _is_number(temperature):
-        where = cal.get("temperature_fitted_on")
+        where = _fitted_on(run, temperature)
         fitted = f", fitted on the {esc(where)} split" if where else ""
         parts.append(f'<p>Temperature <span id="temperature">{temperature:.3f}</span>{fitted}.</p>')
     else:
@@ -636,27 +662,36 @@ def section_calibration(run: Run) -> str:
     return "".join(parts)
 
 
+def _fitted_on(run: Run, temperature: float) -> str | None:
+    """The split the temperature was fitted on: in test_metrics.json, or in best/meta.json (train keeps
+    it there for evaluate and predict) when that is the same temperature."""
+    cal = run.metrics["calibration"]
+    if cal.get("temperature_fitted_on"):
+        return cal["temperature_fitted_on"]
+    meta = _get(run.model_meta, "calibration") or {}
+    return meta.get("fitted_on") if meta.get("temperature") == temperature else None
+
+
 def section_tta(run: Run) -> str:
     """With and without test-time augmentation, when the run measured both."""
     m = run.metrics
     without = m.get("without_tta")
     if not isinstance(without, dict):
-        if m.get("tta") or m.get("tta_hflip"):
+        if _uses_tta(m):
             return (
                 "<p>Every result on this page averages the predictions for each test image and its mirror "
                 "image. The run did not record the results without it.</p>"
             )
         return ""
-    ci, ci_without = run.intervals, without.get("intervals") or {}
     rows = []
-    for key, label in HEADLINE:
+    for key, label in (*HEADLINE, ("loss", "loss (NLL)")):
         if key not in without:
             continue
-        a, b = m.get(key), without.get(key)
+        (a, ci_a), (b, ci_b) = _headline(m, key), _headline(without, key)
         change = f"{a - b:+.4f}" if _is_number(a) and _is_number(b) else "–"
         rows.append(
-            f'<tr data-metric="{key}"><th>{label}</th>{_value_cell(a, ci.get(key))}'
-            f'{_value_cell(b, ci_without.get(key))}<td class="num">{change}</td></tr>'
+            f'<tr data-metric="{key}"><th>{label}</th>{_value_cell(a, ci_a)}{_value_cell(b, ci_b)}'
+            f'<td class="num">{change}</td></tr>'
         )
     head = ["metric", "#with TTA", "#without TTA", "#change"]
     note = (
@@ -671,12 +706,12 @@ def section_subgroups(run: Run) -> str:
     groups = run.metrics.get("subgroups")
     if not isinstance(groups, dict) or not groups:
         return ""
-    keys = [(k, label) for k, label in HEADLINE if any(k in (g or {}) for g in groups.values())]
+    parts = [g for g in groups.values() if isinstance(g, dict)]
+    keys = [(k, label) for k, label in HEADLINE if any(_headline(g, k)[0] is not None for g in parts)]
     rows = []
     for name, g in groups.items():
         g = g if isinstance(g, dict) else {}
-        ci = g.get("intervals") or {}
-        cells = "".join(_value_cell(g.get(k), ci.get(k)) for k, _ in keys)
+        cells = "".join(_value_cell(*_headline(g, k)) for k, _ in keys)
         rows.append(
             f'<tr data-subgroup="{esc(name)}"><th>{esc(name)}</th>'
             f'<td class="num">{_count(g.get("num_samples"))}</td>{cells}</tr>'

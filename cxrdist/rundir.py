@@ -24,9 +24,7 @@ import json
 import resource
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cxrdist.checkpoint import CHECKPOINTS, latest_checkpoint
 from cxrdist.distributed import all_ranks_ok
@@ -34,12 +32,22 @@ from shard_tools.errors import CxrdistError, InputError
 from shard_tools.files import atomic_write_json, atomic_write_text
 from shard_tools.schema import SPLITS
 
+if TYPE_CHECKING:
+    import torch
+
 CONFIG_FILE = "config.toml"
 MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.jsonl"
 TEST_METRICS_FILE = "test_metrics.json"
 BEST_DIR = "best"
 REPORT_FILE = "report.html"
+BEST_META = f"{BEST_DIR}/meta.json"
+CONFUSION_PNG = "confusion_test.png"
+CURVES_PNG = "curves.png"
+ROC_PNG = "roc_test.png"
+RELIABILITY_PNG = "reliability_test.png"
+GRADCAM_DIR = "gradcam"
+EXPLAIN_SUMMARY = "explain_summary.json"  # in GRADCAM_DIR
 # Results of a finished or running run: their presence means the folder is taken.
 RESULTS = (BEST_DIR, METRICS_FILE, TEST_METRICS_FILE, CHECKPOINTS)
 # Everything cxrdist.train writes into run.dir; `--overwrite` removes these and nothing else.
@@ -51,11 +59,11 @@ RUN_OUTPUTS = (
     BEST_DIR,
     CHECKPOINTS,
     REPORT_FILE,
-    "confusion_test.png",
-    "curves.png",
-    "roc_test.png",
-    "reliability_test.png",
-    "gradcam",
+    CONFUSION_PNG,
+    CURVES_PNG,
+    ROC_PNG,
+    RELIABILITY_PNG,
+    GRADCAM_DIR,
     "cxrdist",  # Accelerate's tracker logs (run.log_with), named after the project
 )
 

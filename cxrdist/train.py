@@ -85,7 +85,14 @@ from cxrdist.optim import (  # noqa: E402
 from cxrdist.rng import derive_seed  # noqa: E402
 from cxrdist.rundir import (  # noqa: E402
     BEST_DIR,
+    BEST_META,
+    CONFUSION_PNG,
+    CURVES_PNG,
+    EXPLAIN_SUMMARY,
+    GRADCAM_DIR,
     METRICS_FILE,
+    RELIABILITY_PNG,
+    ROC_PNG,
     TEST_METRICS_FILE,
     check_same_data,
     check_space,
@@ -677,7 +684,7 @@ def calibrate(run: Run) -> float:
     scores = score_split(run, "val")
     temperature = fit_temperature(scores.logits, scores.labels)
     if run.accelerator.is_main_process:
-        meta_path = run.run_dir / BEST_DIR / "meta.json"
+        meta_path = run.run_dir / BEST_META
         meta = json.loads(meta_path.read_text())
         meta["calibration"] = {
             "temperature": temperature,
@@ -705,11 +712,15 @@ def finish_outputs(run: Run, state: TrainState, test: SplitScores, temperature: 
     out = {**metrics, "best_epoch": state.best_epoch, "split": "test", "provenance": provenance()}
     atomic_write_json(run_dir / TEST_METRICS_FILE, out)
     title = f"test, best epoch {state.best_epoch}"
-    plots = {kind: run_dir / f"{kind}_test.png" for kind in ("confusion", "roc", "reliability")}
+    plots = {
+        "confusion": run_dir / CONFUSION_PNG,
+        "roc": run_dir / ROC_PNG,
+        "reliability": run_dir / RELIABILITY_PNG,
+    }
     written = [
         run_dir / TEST_METRICS_FILE,
         *write_plots(metrics, test, options, classes, plots, title),
-        plot_curves(read_metrics_rows(run_dir), run_dir / "curves.png"),
+        plot_curves(read_metrics_rows(run_dir), run_dir / CURVES_PNG),
     ]
     console = Console(soft_wrap=True)  # paths stay on one line in logs
     print_metrics_table(metrics, classes, console, title=f"test split (best epoch {state.best_epoch})")
@@ -726,19 +737,26 @@ def gradcam(run: Run) -> Path:
     from cxrdist.artifacts import load_trained_model
     from cxrdist.explain import explain_shards
 
-    out = run.run_dir / "gradcam"
+    out = run.run_dir / GRADCAM_DIR
     model, meta = load_trained_model(run.run_dir, run.accelerator.device)
     summary = explain_shards(
         model, meta, run.manifest.source, out, run.cfg.eval.gradcam_per_class, "test", run.accelerator.device
     )
-    atomic_write_json(out / "explain_summary.json", {"model": str(run.run_dir / BEST_DIR), "shards": summary})
+    atomic_write_json(out / EXPLAIN_SUMMARY, {"model": str(run.run_dir / BEST_DIR), "shards": summary})
     return Path(summary["grid"])
 
 
 def write_report(run_dir: Path) -> Path:
+    """report.html; a failure says that every result is written and how to build the page again."""
     from cxrdist.report import write_report as write
 
-    return write(run_dir)
+    try:
+        return write(run_dir)
+    except (CxrdistError, OSError) as e:
+        raise TrainError(
+            f"the run's results are written, but not report.html ({e}); build it with "
+            f"`python -m cxrdist.report {run_dir}` once the problem is fixed"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -149,6 +149,7 @@ def unwritable(tmp_path: Path):
     subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
+@pytest.mark.slow
 def test_unwritable_out_folder_is_one_line_exit_2(synth_src: Path, tmp_path: Path, unwritable: Path, capsys):
     src = _src(tmp_path / "src", synth_src)
     assert run_main(main, [str(src), str(unwritable / "out"), "--no-progress"]) == EXIT_USAGE

@@ -312,6 +312,7 @@ def test_missing_remote_file_fails_at_once(server):
     assert len(server.requests_for("/nowhere/manifest.json")) == 1  # a 404 is not retried
 
 
+@pytest.mark.slow
 def test_training_from_a_failing_server_stops_naming_the_url(remote_src, server, tmp_path):
     """A real training process whose train shard always breaks: exit 1 with the URL, no traceback."""
     server.stop_at = {"/train-000000.tar": 3000, "/train-000001.tar": 3000}
@@ -340,6 +341,7 @@ def test_training_from_a_failing_server_stops_naming_the_url(remote_src, server,
 # ----------------------------------------------------------------------------- loader worker signals
 
 
+@pytest.mark.slow
 def test_loader_workers_ignore_group_signals_but_not_their_parent(remote_src):
     """Ctrl-C and SIGTERM sent to a whole process group (terminal, scancel, torchrun) must not kill
     loader workers mid-epoch; the training process itself still ends them at shutdown."""
@@ -468,6 +470,7 @@ def test_pack_skips_hostile_images_with_reasons_and_packs_the_rest(tmp_path):
     assert verify(tmp_path / "out", workers=1) == []
 
 
+@pytest.mark.slow
 def test_predict_reports_each_hostile_image_and_predicts_the_rest(tmp_path):
     model = random_model_dir(tmp_path / "model", ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"], 112)
     inbox = tmp_path / "inbox"
@@ -493,6 +496,7 @@ def test_predict_reports_each_hostile_image_and_predicts_the_rest(tmp_path):
 # ------------------------------------------------------------------------- shards that lost samples
 
 
+@pytest.mark.slow
 def test_evaluate_fails_when_a_shard_really_lost_a_sample(cnn_shards, tmp_path):
     """A test shard repacked without one sample, its checksum updated: the count check catches it."""
     shards = Path(shutil.copytree(cnn_shards, tmp_path / "shards"))
@@ -512,6 +516,7 @@ def test_evaluate_fails_when_a_shard_really_lost_a_sample(cnn_shards, tmp_path):
     assert any("samples, manifest says" in p for p in verify(shards, workers=1))
 
 
+@pytest.mark.slow
 def test_verify_cli_names_modified_and_truncated_shards(synth_shards, tmp_path):
     shards = Path(shutil.copytree(synth_shards, tmp_path / "shards"))
     modified, truncated = shards / "train-000001.tar", shards / "val-000000.tar"
@@ -657,6 +662,7 @@ def test_recipe_that_is_a_directory_or_has_a_nul_is_a_config_error(tmp_path):
         load_config(None, ['run.dir="runs/a\\u0000b"'])
 
 
+@pytest.mark.slow
 def test_cli_garbage_recipes_and_overrides_exit_2_without_traceback(tmp_path, capsys):
     """The CLI's answer to broken input: exit status 2 and the message, never a traceback. Two real
     processes; the other cases call the same `main` in this process (it returns before any training)."""

@@ -53,7 +53,8 @@ def _fake_checkpoint(path: Path, world_size: int, names: list[str]) -> Path:
     path.mkdir(parents=True)
     (path / TRAIN_STATE_FILE).write_text(json.dumps({"epochs_done": 2, "world_size": world_size}))
     for name in names:
-        (path / name).write_bytes(b"x")
+        if name != TRAIN_STATE_FILE:
+            (path / name).write_bytes(b"x")
     return path
 
 
@@ -92,8 +93,8 @@ def test_manifest_differences_name_what_changed(cnn_shards, tmp_path):
     other["splits"]["train"]["shards"][1]["sha256"] = "0" * 64
     assert manifest_differences(m, other) == ["train: other shard checksums (train-000001.tar)"]
     fewer = json.loads(json.dumps(m))
-    fewer["splits"]["val"]["shards"] = fewer["splits"]["val"]["shards"][:1]
-    assert manifest_differences(m, fewer)[0].startswith("val: ")
+    fewer["splits"]["train"]["shards"] = fewer["splits"]["train"]["shards"][:-1]
+    assert manifest_differences(m, fewer)[0].startswith("train: 4 shards of ")
 
 
 @pytest.mark.slow

@@ -1,0 +1,642 @@
+"""cxrdist.report: the self-contained run page, read back as HTML and, once, in a real headless chromium.
+
+Run folders are built here the way a run writes them: test_metrics.json from the real metric functions
+(summarize, bootstrap_intervals, calibration_report, operating_points) written with atomic_write_json,
+the real config.toml layout, a manifest, metrics.jsonl rows and a Grad-CAM summary.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+from PIL import Image
+
+from cxrdist.calibration import fit_temperature
+from cxrdist.config import config_to_dict, load_config
+from cxrdist.evaluate import Options, SplitScores, full_metrics, probabilities, split_metrics
+from cxrdist.report import fmt, fmt_interval, main, read_run, render_report, write_report
+from shard_tools.cli import run_main
+from shard_tools.errors import EXIT_OK, EXIT_USAGE
+from shard_tools.files import atomic_write_json, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+HOSTILE = "<script>x</script>"
+COMMIT = "0123456789abcdef0123456789abcdef01234567-dirty"
+
+
+# ------------------------------------------------------------------------------------- run folders
+
+
+def fake_outputs(k: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of an over-confident, mostly right model, and labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    return 3 * (rng.normal(size=(n, k)) + 1.2 * np.eye(k)[labels]), labels
+
+
+def run_metrics(
+    classes=CLASSES, n: int = 240, seed: int = 0, *, extras: bool = True, tta: bool = False, subgroups=None
+) -> dict:
+    """test_metrics.json as train.finish_outputs writes it: `evaluate.full_metrics` of fake scores, with a
+    temperature fitted on a fake validation split (intervals, calibration, operating points, and with
+    `tta` / `subgroups` their parts), plus best_epoch, split and provenance. `extras=False`: an older
+    run's plain `split_metrics`. `subgroups`: sample index -> subgroup name."""
+    k = len(classes)
+    logits, labels = fake_outputs(k, n, seed)
+    keys = tuple(f"s{i:05d}" for i in range(n))
+    flipped = logits + np.random.default_rng(seed + 2).normal(0, 1.0, logits.shape) if tta else None
+    scores = SplitScores(keys, labels, logits.astype(np.float32), flipped)
+    if extras:
+        val_logits, val_labels = fake_outputs(k, n, seed + 1)
+        groups = None if subgroups is None else {keys[i]: name for i, name in subgroups.items()}
+        options = Options(fit_temperature(val_logits, val_labels), tta, resamples=200, subgroups=groups)
+        metrics = full_metrics(scores, classes, options)
+    else:
+        metrics = split_metrics(scores, classes, probabilities(scores))
+    metrics |= {"best_epoch": 3, "split": "test"}
+    metrics["provenance"] = {"cxrdist_version": "0.1.0", "git_commit": COMMIT, "torch_version": "2"}
+    return json.loads(json.dumps(metrics))  # as the report reads it back
+
+
+def manifest(classes=CLASSES, source: str = "/data/COVID-19_Radiography_Dataset") -> dict:
+    counts = {"train": 70, "val": 15, "test": 15}
+    splits = {
+        s: {
+            "count": n * len(classes),
+            "class_counts": {c: n + i for i, c in enumerate(classes)},
+            "shards": [],
+        }
+        for s, n in counts.items()
+    }
+    for s in splits:  # class_counts above are n + i: keep count equal to their sum
+        splits[s]["count"] = sum(splits[s]["class_counts"].values())
+    return {
+        "format_version": 1,
+        "classes": list(classes),
+        "image_size": 224,
+        "seed": 0,
+        "split_fractions": {"train": 0.7, "val": 0.15, "test": 0.15},
+        "source": source,
+        "tool_version": "0.1.0",
+        "command": ["python", "-m", "shard_tools.pack", source, "out dir", "--size", "224"],
+        "splits": splits,
+        "skipped": [{"path": "x.gif", "reason": "not an image"}],
+        "duplicates": [{"pixel_sha256": "0" * 64, "paths": ["a.png", "b.png"], "split": "train"}],
+    }
+
+
+def config_text(model: str = "resnet18", extra_comment: str = "") -> str:
+    """config.toml as cxrdist.train.config_toml writes it: provenance comments, then the resolved recipe."""
+    cfg = config_to_dict(load_config(REPO / "recipes" / "demo.toml"))
+    cfg["model"]["name"] = model
+    header = (
+        f"# cxrdist_version: 0.1.0\n# git_commit: {COMMIT}\n# torch_version: 2.14.1\n"
+        f"# world_size: 2\n# mixed_precision used: bf16\n{extra_comment}"
+    )
+    return header + tomli_w.dumps(cfg)
+
+
+def metrics_rows(classes=CLASSES, epochs: int = 6) -> list[dict]:
+    rows = []
+    for epoch in range(1, epochs + 1):
+        val = run_metrics(classes, n=60, seed=epoch, extras=False)
+        val["loss"] = 1.4 / epoch
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": 1.5 / epoch,
+                "images_per_s": 400.0 + epoch,
+                "epoch_seconds": 30.0,
+                "lr": 2e-3 / epoch,
+                "val": val,
+                "best": epoch == 3,
+            }
+        )
+    return rows
+
+
+def pil_png(path: Path, colour: tuple[int, int, int], size=(48, 32)) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+
+
+PNGS = (
+    "confusion_test.png",
+    "curves.png",
+    "roc_test.png",
+    "reliability_test.png",
+    "gradcam/gradcam_grid_test.png",
+)
+
+
+def make_run(root: Path, classes=CLASSES, *, metrics: dict | None = None, real_plots: bool = False) -> Path:
+    """A finished run's folder. `real_plots`: draw the PNGs with cxrdist.plots and Grad-CAM overlays
+    (about 3 s); otherwise small solid-colour PNGs."""
+    root.mkdir(parents=True, exist_ok=True)
+    metrics = metrics or run_metrics(classes)
+    atomic_write_json(root / "test_metrics.json", metrics)
+    temperature = (metrics.get("calibration") or {}).get("temperature")
+    if temperature is not None:  # train keeps the fitted temperature with the model
+        calibration = {"temperature": temperature, "fitted_on": "val"}
+        atomic_write_json(root / "best" / "meta.json", {"calibration": calibration})
+    atomic_write_json(root / "manifest.json", manifest(classes))
+    atomic_write_text(root / "config.toml", config_text())
+    rows = metrics_rows(classes)
+    atomic_write_text(root / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    per_class = {
+        c: {"images": 6, "mean_outside_share": 0.1 + 0.05 * i, "accuracy": 5 / 6}
+        for i, c in enumerate(classes)
+    }
+    shards = {
+        "grid": "/elsewhere/gradcam_grid_test.png",
+        "split": "test",
+        "lung_box": [0.12, 0.08, 0.88, 0.92],
+    }
+    atomic_write_json(
+        root / "gradcam" / "explain_summary.json",
+        {"model": str(root), "shards": shards | {"per_class": per_class}},
+    )
+    if real_plots:
+        draw_real_pngs(root, classes, metrics, rows)
+    else:
+        for i, name in enumerate(PNGS):
+            pil_png(root / name, (40 * i, 200 - 30 * i, 90))
+    return root
+
+
+def draw_real_pngs(root: Path, classes, metrics: dict, rows: list[dict]) -> None:
+    from cxrdist.explain import overlay
+    from cxrdist.operating_points import roc_curves
+    from cxrdist.plots import plot_confusion, plot_curves, plot_reliability, plot_roc
+    from shard_tools.synth import draw
+
+    logits, labels = fake_outputs(len(classes), metrics["num_samples"], 0)
+    keys = tuple(map(str, range(len(labels))))
+    probs = probabilities(SplitScores(keys, labels, logits), metrics["calibration"]["temperature"])
+    plot_confusion(metrics["confusion_matrix"], classes, root / "confusion_test.png", "test, best epoch 3")
+    plot_curves(rows, root / "curves.png")
+    plot_roc(roc_curves(probs, labels, classes), root / "roc_test.png")
+    cal = metrics["calibration"]
+    plot_reliability(cal["before"]["bins"], root / "reliability_test.png", bins_after=cal["after"]["bins"])
+    size, per_class = 128, 4
+    grid = Image.new("RGB", (per_class * size, len(classes) * size))
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for r, name in enumerate(classes):
+        for j in range(per_class):
+            gray = draw(name if name in CLASSES else "Normal", size, rng, rng)
+            cy, cx = rng.uniform(0.2, 0.8, 2)
+            cam = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
+            grid.paste(overlay(gray, cam / cam.max(), f"{name[:8]}>{name[:8]}"), (j * size, r * size))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    (root / "gradcam" / "gradcam_grid_test.png").write_bytes(buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------ reading HTML
+
+
+VOID = {"meta", "link", "img", "br", "hr", "input", "source", "col", "wbr"}
+# Elements whose end tag HTML lets you leave out; the page always closes them, so they are checked too.
+
+
+class Page(HTMLParser):
+    """Collects every tag's attributes and checks that elements nest and close properly."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.feed(text)
+        self.close()
+        if self.stack:
+            self.errors.append(f"unclosed {self.stack}")
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+    def all(self, tag: str) -> list[dict[str, str | None]]:
+        return [attrs for t, attrs in self.tags if t == tag]
+
+
+def row(page: str, attr: str, value: str) -> str:
+    """The HTML of the first <tr> with `attr`="value" (value as it appears in the page, escaped)."""
+    m = re.search(rf'<tr[^>]*\b{attr}="{re.escape(value)}"[^>]*>(.*?)</tr>', page, re.S)
+    assert m, f"no row {attr}={value!r}"
+    return m.group(1)
+
+
+def section(page: str, ident: str) -> str:
+    m = re.search(rf'<section id="{ident}">(.*?)</section>', page, re.S)
+    assert m, f"no section {ident}"
+    return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("report") / "run")
+
+
+# -------------------------------------------------------------------------------------- unit tests
+
+
+def test_full_page_shows_every_section_with_the_runs_numbers(full_run):
+    path = write_report(full_run)
+    assert path == full_run / "report.html"
+    page = path.read_text()
+    parsed = Page(page)
+    assert parsed.errors == []
+    assert [s["id"] for s in parsed.all("section")] == [
+        "summary", "data", "training", "results", "roc", "calibration", "gradcam", "model-card", "recipe"
+    ]  # fmt: skip
+    m = json.loads((full_run / "test_metrics.json").read_text())
+    ci = m["intervals"]
+
+    # Summary: headline values and intervals as the page formats them.
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1"):
+        cells = row(page, "data-metric", key)
+        assert f'<td class="num value">{fmt(m[key])}</td>' in cells
+        assert fmt_interval(ci[key]) in cells and fmt_interval(ci[key]).startswith("[0.")
+    assert fmt(m["macro"]["roc_auc"]) in row(page, "data-metric", "macro_roc_auc")
+
+    # Per class: every metric with its interval, in manifest order, then the averages.
+    results = section(page, "results")
+    assert [results.index(f'data-class="{c}"') for c in CLASSES] == sorted(
+        results.index(f'data-class="{c}"') for c in CLASSES
+    )
+    for name in CLASSES:
+        cells = row(results, "data-class", name)
+        for key in ("precision", "recall", "specificity", "f1", "roc_auc"):
+            value = m["per_class"][name][key]
+            assert f'<span class="v">{fmt(value)}</span><span class="ci">' in cells
+            assert fmt_interval(ci["per_class"][name][key]) in cells
+        assert f'<td class="num">{m["per_class"][name]["support"]}</td>' in cells
+    assert fmt(m["weighted"]["f1"]) in row(results, "data-avg", "weighted")
+
+    # Operating points: one row per class and target, threshold and intervals.
+    for name in CLASSES:
+        points = m["operating_points"][name]["points"]
+        cells = re.findall(rf'<tr data-class="{name}" data-target="[^"]*">(.*?)</tr>', page, re.S)
+        assert len(cells) == len(points) == 3
+        assert f"AUC {fmt(m['operating_points'][name]['auc'])}; " in cells[0]
+        for point, html in zip(points, cells, strict=True):
+            assert point["target"].replace(">=", " ≥ ") in html
+            assert 1e-3 <= point["threshold"] < 1 and f'<td class="num">{point["threshold"]:.4f}</td>' in html
+            for key in ("sensitivity", "specificity"):
+                assert fmt(point[key]) in html and fmt_interval(point[f"{key}_interval"]) in html
+
+    # Calibration before/after and the temperature.
+    cal = m["calibration"]
+    for key in ("ece", "brier", "nll"):
+        cells = row(page, "data-metric", key)
+        assert fmt(cal["before"][key]) in cells and fmt(cal["after"][key]) in cells
+    assert f'<span id="temperature">{cal["temperature"]:.3f}</span>, fitted on the val split' in page
+
+    # Data: counts per class and split from the manifest, the pack command, quoted as a shell would.
+    data = section(page, "data")
+    mf = json.loads((full_run / "manifest.json").read_text())
+    cells = row(data, "data-class", "Viral Pneumonia")
+    counts = [mf["splits"][s]["class_counts"]["Viral Pneumonia"] for s in ("train", "val", "test")]
+    assert re.findall(r'class="num">([\d,]+)<', cells) == [str(c) for c in counts] + [str(sum(counts))]
+    assert "shard_tools.pack /data/COVID-19_Radiography_Dataset &#x27;out dir&#x27; --size 224" in data
+    assert "groups (patients)" not in data and "none recorded" in data
+
+    # Training, Grad-CAM, model card, recipe.
+    training = section(page, "training")
+    assert "best epoch (3)" in training and "last epoch (6)" in training and "6 epochs in 3.0 min" in training
+    gradcam = section(page, "gradcam")
+    assert re.findall(r"(\d+\.\d%)</td>", row(gradcam, "data-class", "Normal")) == ["20.0%", "83.3%"]
+    assert "12% to 88% of the width" in gradcam and "no proof of a shortcut" in gradcam
+    card = section(page, "model-card")
+    assert "Not for diagnosis" in card and "132665–132676" in card and "104319" in card
+    assert "paediatric" in card and "DeGrave" in card
+    assert f"accuracy {fmt(m['accuracy'])} {fmt_interval(ci['accuracy'])}" in card
+    assert "<code>resnet18</code> trained from scratch; 6 of 6 epochs, best epoch 3" in card
+    assert "2 process(es); mixed precision bf16; cxrdist 0.1.0, commit <code>" + COMMIT in card
+    assert "COVID 100, Lung_Opacity 103, Normal 106, Viral Pneumonia 109 images" in card
+    recipe = section(page, "recipe")
+    assert "# world_size: 2" in recipe and "name = &quot;resnet18&quot;" in recipe
+
+
+def test_page_is_self_contained_and_images_are_the_files(full_run):
+    page = render_report(read_run(full_run))
+    parsed = Page(page)
+    imgs = parsed.all("img")
+    assert len(imgs) == len(PNGS)
+    for attrs in imgs:
+        assert attrs["src"].startswith("data:image/png;base64,")
+        data = base64.b64decode(attrs["src"].split(",", 1)[1])
+        assert data == (full_run / attrs["data-file"]).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            assert (int(attrs["width"]), int(attrs["height"])) == im.size
+    assert sorted(a["data-file"] for a in imgs) == sorted(PNGS)
+    # Nothing to fetch: no script, no stylesheet link, no remote src; the only links are DOI citations
+    # and in-page anchors, and the favicon is an empty data: URI (a browser would ask for /favicon.ico).
+    assert not parsed.all("script") and "<script" not in page
+    for tag, attrs in parsed.tags:
+        for name in ("src", "href"):
+            url = attrs.get(name)
+            if url is not None:
+                assert url.startswith(("data:", "#", "https://doi.org/")), (tag, url)
+    assert [a["href"] for a in parsed.all("link")] == ["data:,"]
+    assert len(parsed.all("style")) == 1
+
+
+def test_text_from_files_is_escaped(tmp_path):
+    classes = ("COVID", HOSTILE, "Normal & <b>")
+    run = make_run(tmp_path / "run", classes)
+    m = manifest(classes, source='/data/"quoted" <img src=x onerror=alert(1)>')
+    atomic_write_json(run / "manifest.json", m)
+    atomic_write_text(run / "config.toml", config_text(extra_comment="# note: </pre><script>y</script>\n"))
+    page = write_report(run).read_text()
+    assert "<script" not in page and "<b>" not in page and "<img src=x" not in page
+    assert page.count("&lt;script&gt;x&lt;/script&gt;") >= 6  # per-class, data, op. points, Grad-CAM, card
+    assert 'data-class="&lt;script&gt;x&lt;/script&gt;"' in page
+    assert "Normal &amp; &lt;b&gt;" in page
+    assert "&lt;/pre&gt;&lt;script&gt;y&lt;/script&gt;" in section(page, "recipe")
+    assert "&quot;quoted&quot; &lt;img src=x onerror=alert(1)&gt;" in page
+    assert Page(page).errors == []  # the hostile names did not break the markup
+
+
+def test_missing_pieces_are_one_muted_line_never_a_broken_image(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = run_metrics(extras=False)  # an older run: no intervals, calibration or operating points
+    atomic_write_json(run / "test_metrics.json", metrics)
+    page = write_report(run).read_text()
+    parsed = Page(page)
+    assert parsed.errors == [] and parsed.all("img") == []
+    assert [s["id"] for s in parsed.all("section")] == ["summary", "results", "model-card"]
+    assert "<code>confusion_test.png</code>: not written by this run" in page
+    assert "Not in this run: Data, Training, ROC curves and operating points, Calibration, Grad-CAM" in page
+    assert "No intervals in test_metrics.json" in page
+    assert f'<td class="num value">{fmt(metrics["accuracy"])}</td><td class="num interval">–</td>' in page
+    assert "the images it used are unknown" in page  # the model card says what it does not know
+
+    # A plot is present but damaged (cut short), another is missing: muted lines, the rest shown.
+    full = make_run(tmp_path / "full")
+    roc = (full / "roc_test.png").read_bytes()
+    (full / "roc_test.png").write_bytes(roc[: len(roc) // 2])
+    (full / "curves.png").unlink()
+    page = write_report(full).read_text()
+    assert "<code>roc_test.png</code>: not a complete PNG file" in page
+    assert "<code>curves.png</code>: not written by this run" in page
+    assert len(Page(page).all("img")) == len(PNGS) - 2
+
+    # Unreadable optional files are named, and their part is left out; the page is still written.
+    (full / "manifest.json").write_text("{not json")
+    (full / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo')
+    page = write_report(full).read_text()
+    assert "<code>manifest.json</code> could not be read" in page
+    assert "<code>metrics.jsonl</code> could not be read" in page
+    assert 'id="data"' not in page
+
+
+def test_optional_tta_subgroups_and_groups(tmp_path):
+    names = {i: "hospital <A>" if i % 5 else "hospital B" for i in range(240)}
+    metrics = run_metrics(tta=True, subgroups=names)
+    metrics["subgroups"]["empty"] = None  # a damaged entry leaves its row blank, nothing else
+    run = make_run(tmp_path / "run", metrics=metrics)
+    m = manifest()
+    m["groups"] = {
+        "file": "/data/patients.csv",
+        "sha256": "0" * 64,
+        "ungrouped": "own-group",
+        "own_groups": 3,
+    }
+    for split, n in (("train", 40), ("val", 9), ("test", 8)):
+        m["splits"][split]["groups"] = [f"p{i}" for i in range(n)]
+    atomic_write_json(run / "manifest.json", m)
+    page = write_report(run).read_text()
+    assert Page(page).errors == []
+
+    tta, plain = section(page, "tta"), metrics["without_tta"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        cells = row(tta, "data-metric", key)
+        assert re.findall(r'<span class="v">([^<]*)</span>', cells) == [fmt(metrics[key]), fmt(plain[key])]
+        assert (
+            fmt_interval(metrics["intervals"][key]) in cells
+            and fmt_interval(plain["intervals"][key]) in cells
+        )
+        assert f'<td class="num">{metrics[key] - plain[key]:+.4f}</td>' in cells
+    auc = row(tta, "data-metric", "macro_roc_auc")
+    assert fmt(metrics["macro"]["roc_auc"]) in auc and fmt(plain["macro_roc_auc"]) in auc
+    assert fmt(plain["loss"]) in row(tta, "data-metric", "loss")
+    assert 'data-metric="weighted_f1"' not in tta  # not measured without TTA
+    assert "averaged with the mirrored image" in section(page, "summary")
+
+    subgroups = section(page, "subgroups")
+    assert "hospital <A>" not in subgroups
+    for name, escaped in (("hospital <A>", "hospital &lt;A&gt;"), ("hospital B", "hospital B")):
+        sub, cells = metrics["subgroups"][name], row(subgroups, "data-subgroup", escaped)
+        assert f'<td class="num">{sub["num_samples"]}</td>' in cells
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1"):
+            interval = fmt_interval(sub["intervals"][key])
+            assert f'<span class="v">{fmt(sub[key])}</span><span class="ci">{interval}<' in cells
+    assert [sub["num_samples"] for sub in list(metrics["subgroups"].values())[:2]] == [192, 48]
+    assert row(subgroups, "data-subgroup", "empty").count("–") == 6  # images and five metrics
+
+    data = section(page, "data")
+    assert re.findall(r'class="num">(\d+)<', row(data, "data-row", "groups")) == ["40", "9", "8", "57"]
+    assert "/data/patients.csv" in data and "3 images not in the file formed a group each" in data
+
+
+def test_operating_points_without_threshold_or_curve(tmp_path):
+    metrics = run_metrics()
+    points = metrics["operating_points"]
+    points["Normal"] = None  # absent from the test split, or alone in it
+    covid = points["COVID"]["points"]
+    covid[0]["threshold"], covid[1]["threshold"] = None, 3.2e-06
+    run = make_run(tmp_path / "run", metrics=metrics)
+    roc = section(write_report(run).read_text(), "roc")
+    assert "no curve: the class is absent from the test split, or alone in it" in row(
+        roc, "data-class", "Normal"
+    )
+    covid_rows = re.findall(r'<tr data-class="COVID" data-target="[^"]*">(.*?)</tr>', roc, re.S)
+    assert '<td class="num">none</td>' in covid_rows[0] and '<td class="num">3.2e-06</td>' in covid_rows[1]
+    assert "<em>none</em>: only calling nothing positive meets the target" in roc
+
+
+def test_tta_flag_alone_is_one_sentence(tmp_path):
+    metrics = run_metrics(extras=False) | {"probabilities": {"tta_hflip": True}}
+    run = make_run(tmp_path / "run", metrics=metrics)
+    tta = section(write_report(run).read_text(), "tta")
+    assert "mirror" in tta and "<table" not in tta
+
+
+def test_cli_regenerates_and_rejects_what_is_not_a_finished_run(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    (run / "report.html").write_text("old")
+    assert run_main(main, [str(run)]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == str(run / "report.html")
+    assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+    cases = {
+        tmp_path / "absent": "no such folder",
+        run / "config.toml": "is a file",
+        tmp_path / "empty": "is not a run directory: no test_metrics.json, config.toml or manifest.json",
+        tmp_path / "unfinished": "no test_metrics.json: has the run finished?",
+        tmp_path / "broken": "test_metrics.json: cannot be read as JSON",
+    }
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.toml").write_text(config_text())
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "test_metrics.json").write_text('{"accuracy": 0.')
+    for folder, message in cases.items():
+        assert run_main(main, [str(folder)]) == EXIT_USAGE
+        err = capsys.readouterr().err.strip()
+        assert message in err and str(folder) in err and "\n" not in err, err
+        assert not (folder / "report.html").exists() or folder == run
+
+
+@pytest.mark.slow
+def test_import_stays_light():
+    """The report is written at the end of training and by hand: it must not pull in torch or matplotlib."""
+    heavy = "('torch', 'matplotlib', 'numpy')"
+    code = f"import sys, cxrdist.report; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------- real browser
+
+
+CHROME_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1200,900",
+)
+
+
+def chromium_driver(profile: Path):
+    """Debian's chromium through its chromedriver (never Selenium Manager, which would download one)."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip(
+            "needs Debian's chromium and chromedriver on PATH (apt-get install chromium chromium-driver); "
+            f"found browser={browser}, chromedriver={driver}"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (*CHROME_FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str]
+
+    def log_message(self, *args):  # keep pytest's output clean; requests are recorded instead
+        pass
+
+    def do_GET(self):
+        self.requests.append(self.path)
+        super().do_GET()
+
+
+def serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, list[str]]:
+    """A real HTTP server on 127.0.0.1 serving `folder`, and the list of paths it was asked for."""
+    requests: list[str] = []
+    handler = type("Handler", (QuietHandler,), {"requests": requests})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(folder))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, requests
+
+
+def full_page_screenshot(driver, path: Path, width: int = 1200) -> None:
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(width, height + 100)  # headless: the window is the page
+    driver.save_screenshot(str(path))
+
+
+@pytest.mark.slow
+def test_report_renders_in_a_real_browser(tmp_path):
+    metrics = run_metrics()
+    run = make_run(tmp_path / "run", metrics=metrics, real_plots=True)
+    write_report(run)
+    server, requests = serve(run)
+    driver = chromium_driver(tmp_path / "profile")
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_port}/report.html")
+        images = driver.execute_script(
+            "return Array.from(document.images)"
+            ".map(i => [i.dataset.file, i.complete, i.naturalWidth, i.naturalHeight])"
+        )
+        assert sorted(f for f, *_ in images) == sorted(PNGS)
+        for file, complete, width, height in images:
+            with Image.open(run / file) as im:
+                assert complete and (width, height) == im.size, file
+
+        def text(selector: str) -> str:
+            return driver.execute_script(f"return document.querySelector({selector!r}).textContent")
+
+        assert text('#summary tr[data-metric="accuracy"] td.value') == fmt(metrics["accuracy"])
+        assert text('#summary tr[data-metric="macro_f1"] td.interval') == fmt_interval(
+            metrics["intervals"]["macro_f1"]
+        )
+        rows = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#per-class tbody tr[data-class]'))"
+            ".map(r => [r.dataset.class, r.querySelector('th').textContent,"
+            " Array.from(r.querySelectorAll('td .v')).map(v => v.textContent)])"
+        )
+        assert [r[0] for r in rows] == list(CLASSES) and [r[1] for r in rows] == list(CLASSES)
+        for name, _, values in rows:
+            keys = ("precision", "recall", "specificity", "f1", "roc_auc")
+            assert values == [fmt(metrics["per_class"][name][k]) for k in keys]
+        assert text("#temperature") == f"{metrics['calibration']['temperature']:.3f}"
+        # Numbers right-aligned, as the stylesheet says.
+        align = driver.execute_script(
+            "return getComputedStyle(document.querySelector('#per-class td.num')).textAlign"
+        )
+        assert align == "right"
+        # The browser fetched the page and nothing else: images, style and icon are all inline.
+        assert requests == ["/report.html"]
+
+        full_page_screenshot(driver, tmp_path / "report.png")
+        with Image.open(tmp_path / "report.png") as shot:
+            assert shot.width >= 1000 and shot.height > 3000
+        pdf = base64.b64decode(driver.print_page())  # "works printed": the print path renders
+        assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") > 3
+    finally:
+        driver.quit()
+        server.shutdown()
