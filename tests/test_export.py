@@ -33,6 +33,9 @@ from shard_tools.images import load_gray
 
 from launch import ROOT, quiet_env
 
+# Every test exports at least one model (torch.export: seconds each): not for the fast lane.
+pytestmark = pytest.mark.slow
+
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 TOLERANCE = 1e-4  # the bound on |onnxruntime - PyTorch| per probability
 
