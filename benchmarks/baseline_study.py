@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
+if __package__ in (None, ""):  # run as `python benchmarks/baseline_study.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import IMAGE_SIZE_PX
 from cxrdist.models import seed_cnn
 from shard_tools.schema import IMAGENET_MEAN, IMAGENET_STD
-
-IMAGE_SIZE_PX = 128  # the study's resolution
 
 
 def study_transform(augment: bool) -> transforms.Compose:
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         test_set, batch_size=2 * args.batch_size, num_workers=args.workers
     )
 
-    model = seed_cnn(num_classes=len(train_set.classes))
+    model = seed_cnn(num_classes=len(train_set.classes), in_chans=3)  # ImageFolder gives RGB, as the study
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     epoch_seconds = []
     for epoch in range(1, args.epochs + 1):

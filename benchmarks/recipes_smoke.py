@@ -11,40 +11,33 @@ written into the repository.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as `python benchmarks/recipes_smoke.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import IMAGE_SIZE_PX, cpu_model, markdown_table, train_run
+from shard_tools.cli import positive_int, run_main
+
 DEFAULT_RECIPES = ("cnn", "cnn_augmented", "resnet18_scratch")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--src", type=Path, help="database folder (either layout)")
-    src.add_argument("--synthetic", type=int, metavar="PER_CLASS", help="generate this many per class")
+    src.add_argument(
+        "--synthetic", type=positive_int, metavar="PER_CLASS", help="generate this many per class"
+    )
     p.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES))
-    p.add_argument("--epochs", type=int, nargs="+", default=[15, 15, 5], help="per recipe, in order")
+    p.add_argument("--epochs", type=positive_int, nargs="+", default=[15, 15, 5], help="per recipe, in order")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for every run")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from shard_tools.pack import pack
     from shard_tools.synth import generate
 
@@ -52,53 +45,31 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cxrdist-smoke-") as tmp:
         tmp = Path(tmp)
         data = args.src if args.src else generate(tmp / "synthetic", per_class=args.synthetic)
-        manifest = pack(data, tmp / "shards", size=128, min_shards=4, progress=False)
+        manifest = pack(data, tmp / "shards", size=IMAGE_SIZE_PX, min_shards=4, progress=False)
         counts = {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")}
         print(f"data: {args.src or f'synthetic, {args.synthetic} per class'}; split {counts}")
         rows = []
         for recipe, n in zip(args.recipes, epochs, strict=True):
-            run_dir = tmp / f"run-{recipe}"
-            cmd = [
-                sys.executable,
-                "-m",
-                "cxrdist.train",
-                f"recipes/{recipe}.toml",
-                "--set",
-                f"run.dir={run_dir}",
-                "--set",
-                f"data.shards={tmp / 'shards'}",
-                "--set",
-                f"train.epochs={n}",
-            ]
-            for item in args.overrides:
-                cmd += ["--set", item]
-            start = time.perf_counter()
-            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-            if res.returncode != 0:
-                print(res.stderr[-3000:])
-                return 1
-            test = json.loads((run_dir / "test_metrics.json").read_text())
+            sets = [f"train.epochs={n}", *args.overrides]
+            run = train_run(f"recipes/{recipe}.toml", tmp / f"run-{recipe}", tmp / "shards", sets)
+            test = run["test"]
             rows.append(
-                (
+                [
                     recipe,
                     n,
-                    test["accuracy"],
-                    test["balanced_accuracy"],
-                    test["macro_f1"],
+                    f"{test['accuracy']:.3f}",
+                    f"{test['balanced_accuracy']:.3f}",
+                    f"{test['macro_f1']:.3f}",
                     test["best_epoch"],
-                    seconds,
-                )
+                    f"{run['wall_s']:.0f} s",
+                ]
             )
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu_name()}"
-    print(f"\ndevice: {device}; torch {torch.__version__}\n")
-    header = ("recipe", "epochs", "test accuracy", "balanced accuracy", "macro F1", "best epoch", "wall time")
-    print("| " + " | ".join(header) + " |")
-    print("|---|---|---|---|---|---|---|")
-    for recipe, n, acc, bacc, f1, best, s in rows:
-        print(f"| {recipe} | {n} | {acc:.3f} | {bacc:.3f} | {f1:.3f} | {best} | {s:.0f} s |")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu_model()}"
+    print(f"\ndevice: {device}, {os.cpu_count()} cores; torch {torch.__version__}\n")
+    header = ["recipe", "epochs", "test accuracy", "balanced accuracy", "macro F1", "best epoch", "wall time"]
+    print(markdown_table(header, rows))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -1,5 +1,7 @@
-"""`python -m benchmarks --quick`: every section runs and lands in the JSON. Timings are not checked:
-they depend on the machine and its load; BENCHMARKS.md holds real numbers."""
+"""The benchmark commands run and report what they measured: `python -m benchmarks --quick` (every section),
+`python -m benchmarks --gpu --quick` (the GPU check's whole plan at toy sizes; on a machine without a GPU
+its CUDA tests all skip) and the two stand-alone scripts. Timings are not checked: they depend on the
+machine and its load; BENCHMARKS.md holds real numbers. Values that do not depend on load are."""
 
 from __future__ import annotations
 
@@ -8,23 +10,24 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from launch import ROOT, quiet_env
 
 pytestmark = pytest.mark.slow
 
 
+def run(*args: str, timeout: float = 540) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res
+
+
 def test_quick_benchmark_writes_every_section(tmp_path):
     out = tmp_path / "results.json"
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--work", str(tmp_path / "work")],
-        cwd=ROOT,
-        env=quiet_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = run("-m", "benchmarks", "--quick", "--out", str(out), "--work", str(tmp_path / "work"))
     assert f"results: {out}" in res.stdout
     results = json.loads(out.read_text())
 
@@ -38,6 +41,7 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert pack["rows"][0]["workers"] == 1 and pack["byte_identical"]
     loader = [r["case"][:4] for r in results["loader"]["rows"]]
     assert loader == ["(a) ", "(b) ", "(b+)", "(c) ", "(c+)", "(d) "], loader
+    assert "epoch 2" in results["loader"]["rows"][3]["case"]  # the label says what is timed
     assert all(r["images_per_s"] > 0 for r in pack["rows"] + results["loader"]["rows"])
 
     steps = results["step"]["rows"]
@@ -46,7 +50,6 @@ def test_quick_benchmark_writes_every_section(tmp_path):
         for precision in ("no", "bf16"):
             for channels_last in (False, True):
                 assert (model, precision, channels_last, False) in cases
-    assert all(r.get("images_per_s", 0) > 0 or r.get("error") for r in steps)
     assert all(r["images_per_s"] > 0 for r in steps if not r["compile"]), steps  # eager always runs
 
     overhead = results["overhead"]["rows"]
@@ -58,3 +61,74 @@ def test_quick_benchmark_writes_every_section(tmp_path):
         assert baseline[program]["wall_s"] > 0
         assert 0 <= baseline[program]["test_accuracy"] <= 1
     assert baseline["speedup"] > 0 and baseline["epochs"] == 1
+
+
+def test_gpu_check_quick_runs_the_whole_plan(tmp_path):
+    out = tmp_path / "gpu" / "gpu-check.json"
+    res = run("-m", "benchmarks", "--gpu", "--quick", "--out", str(out), "--work", str(tmp_path / "work"))
+    results = json.loads(out.read_text())
+    markdown = out.with_suffix(".md").read_text()
+    assert markdown in res.stdout  # printed and written: ready to paste
+    assert "| model | batch | compute only, img/s |" in markdown
+
+    machine = results["machine"]
+    for key in ("device", "torch", "cuda", "cudnn", "cpu_cores", "date_utc"):
+        assert key in machine, key
+    assert machine["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+    tests = results["tests"]
+    assert tests["ok"] and tests["failed"] == 0 and tests["exit_code"] == 0, tests
+    assert "tests/test_cuda.py" in tests["command"]
+    if not torch.cuda.is_available():  # every CUDA test collected, and skipped
+        assert tests["skipped"] >= 9 and tests["passed"] == 0, tests
+    assert "skipped" in (out.parent / "cuda-tests.log").read_text() or tests["passed"]
+
+    data = results["data"]
+    assert data["images"] == 4 * 8 == sum(data["splits"].values()) and data["image_size_px"] == 128
+
+    rows = {r["model"]: r for r in results["rows"]}
+    assert list(rows) == ["resnet18", "seed_cnn"]
+    # torch's FLOP counter on ResNet18 at 128 px: about 3.6 GFLOP per image forward + backward.
+    assert 3.2 < rows["resnet18"]["gflop_per_image"] < 3.8
+    assert rows["seed_cnn"]["gflop_per_image"] < 0.1
+    for r in rows.values():
+        searched = {s["batch_size"]: s["images_per_s"] for s in r["batch_search"]}
+        assert set(searched) == {4, 8} and r["batch_size"] == max(searched, key=searched.get)
+        assert r["compute_images_per_s"] == searched[r["batch_size"]] > 0
+        for name, cache in (("device cache", "device"), ("streaming", "none")):
+            e2e = r[name]
+            assert f"data.cache={cache}" in e2e["overrides"]
+            assert f"train.per_device_batch_size={r['batch_size']}" in e2e["overrides"]
+            assert len(e2e["epoch_images_per_s"]) == 2 and e2e["images_per_s"] == e2e["epoch_images_per_s"][1]
+            assert e2e["share_of_compute"] == pytest.approx(e2e["images_per_s"] / r["compute_images_per_s"])
+
+    verdicts = results["verdicts"]
+    assert len(verdicts) == 4
+    for v in verdicts:
+        assert v["result"] == ("PASS" if v["share_of_compute"] >= v["target"] else "MISS")
+        assert f"{v['result']}  {v['model']} {v['input']}:" in res.stdout
+
+    full = results["full_epoch"]
+    assert (
+        full["recipe"] == "recipes/resnet18_scratch.toml" and full["train_images"] == data["splits"]["train"]
+    )
+    assert full["epoch_s"] > 0 and full["wall_s"] > full["epoch_s"]
+
+
+def test_stand_alone_scripts(tmp_path):
+    res = run(
+        "benchmarks/pack.py", "--per-class", "6", "--repeats", "1", "--workers", "2", "--work", str(tmp_path)
+    )
+    assert "byte-identical across worker counts: yes" in res.stdout and "1 worker (baseline)" in res.stdout
+    res = run(
+        "benchmarks/loader.py",
+        "--per-class",
+        "6",
+        "--repeats",
+        "1",
+        "--workers",
+        "1",
+        "--work",
+        str(tmp_path),
+    )
+    assert "(a) ImageFolder" in res.stdout and "(d) raw tar reading" in res.stdout
