@@ -21,11 +21,13 @@ absent.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shard_tools.errors import CxrdistError, InputError
-from shard_tools.files import remove_stale_staging, staging_dir
+from shard_tools.files import remove_stale_staging, replace_dir, staging_dir
 
 
 class WriteError(CxrdistError):
@@ -75,6 +77,25 @@ def prepare_out(out: Path, *, force: bool, foreign: Callable[[Path], list[str]],
         raise InputError(
             f"OUT {out} cannot be written: {_why(out, e)}; choose a folder you can write to"
         ) from None
+
+
+@contextlib.contextmanager
+def staged_out(
+    out: Path, *, force: bool, foreign: Callable[[Path], list[str]], owned_what: str
+) -> Iterator[Path]:
+    """Write OUT through a staging folder: yields it (after `prepare_out`); when the block ends, it
+    replaces OUT. If the block fails, the staging folder is removed and OUT keeps its previous content;
+    an `OSError` becomes a one-line `WriteError`, anything else (Ctrl-C, SIGTERM) passes through."""
+    tmp = prepare_out(out, force=force, foreign=foreign, owned_what=owned_what)
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(out, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _why(out: Path, error: OSError) -> str:

@@ -41,7 +41,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import sys
 import tarfile
@@ -66,7 +65,6 @@ from rich.progress import (
 from shard_tools import __version__, images
 from shard_tools.cli import non_negative_int, positive_int, run_main
 from shard_tools.errors import InputError
-from shard_tools.files import replace_dir
 from shard_tools.groups import (
     GroupTable,
     join_groups,
@@ -76,7 +74,7 @@ from shard_tools.groups import (
     unmatched_warning,
 )
 from shard_tools.images import IMAGE_SUFFIXES
-from shard_tools.outdir import prepare_out, write_failed
+from shard_tools.outdir import staged_out
 from shard_tools.schema import (
     CLASSES,
     FORMAT_VERSION,
@@ -461,19 +459,11 @@ def pack(
         _check_overlap(src, out, inputs.tree.is_zip)
         if command is None:
             command = _equivalent_command(src, out, opts, explicit_classes=classes is not None, force=force)
-        tmp = prepare_out(out, force=force, foreign=_not_shards, owned_what="shards and their manifest")
-        try:
+        with staged_out(out, force=force, foreign=_not_shards, owned_what="shards and their manifest") as tmp:
             manifest = _pack_into(tmp, inputs, opts, workers, progress)
             manifest["command"] = list(command)
             text = json.dumps(manifest, sort_keys=True, indent=2) + "\n"
             (tmp / MANIFEST_NAME).write_text(text, encoding="utf-8")
-            replace_dir(tmp, out)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise write_failed(out, e) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         close_archives()
     return manifest

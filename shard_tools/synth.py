@@ -32,7 +32,6 @@ import io
 import multiprocessing as mp
 import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from functools import lru_cache
@@ -43,8 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from shard_tools.cli import non_negative_int, positive_int, run_main
 from shard_tools.errors import InputError
-from shard_tools.files import replace_dir
-from shard_tools.outdir import prepare_out, write_failed
+from shard_tools.outdir import staged_out
 from shard_tools.schema import CLASSES
 
 _STREAM_ANATOMY, _STREAM_MARKERS = 0, 1
@@ -267,8 +265,7 @@ def generate(
         raise InputError(f"--per-class must be >= 1, got {per_class}")
     if size < 32:
         raise InputError(f"--size must be >= 32 pixels, got {size}")
-    tmp = prepare_out(out, force=force, foreign=not_synth_output, owned_what="synthetic images")
-    try:
+    with staged_out(out, force=force, foreign=not_synth_output, owned_what="synthetic images") as tmp:
         for c in CLASSES:
             (tmp / c / "images").mkdir(parents=True)
         jobs = [(c, i, size, seed) for c in CLASSES for i in range(1, per_class + 1)]
@@ -281,13 +278,6 @@ def generate(
             for job in jobs:
                 c, i, png = _render(job)
                 image_path(tmp, c, i).write_bytes(png)
-        replace_dir(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failed(out, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
