@@ -331,7 +331,10 @@ def synthetic_dataset(
     generate_s = 0.0
     if src is None:
         src, generate_s = synthetic_source(work, per_class, source_px, seed, workers)
-    shards = src.parent / f"shards-{IMAGE_SIZE_PX}px"
+        shards = src.parent / f"shards-{IMAGE_SIZE_PX}px"
+    else:  # someone else's folder (the shared real samples): read it, write nothing beside it
+        src = src.resolve()
+        shards = work / f"given-{src.parent.name}-{src.name}" / f"shards-{IMAGE_SIZE_PX}px"
     pack_s = 0.0
     if not (shards / "manifest.json").exists():
         start = time.perf_counter()

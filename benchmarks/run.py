@@ -24,8 +24,10 @@ Sections, each with ratios against a baseline measured in the same run (each liv
 `--gpu` runs the GPU check instead (`benchmarks/gpu.py`): CUDA tests plus compute-only vs end-to-end
 throughput on one GPU.
 
-Data: synthetic 299 px radiographs (`shard_tools.synth`, like the database), packed at 128 px with the
-default 70/15/15 split (`benchmarks.common.synthetic_dataset`). Everything lives in a temporary folder (or
+Data: synthetic 299 px radiographs (`shard_tools.synth`, like the database), or with --src a folder of
+real class folders (e.g. ../shared/data/cxr-real-sample/COVID-19_Radiography_Dataset), packed at 128 px
+with the default 70/15/15 split (`benchmarks.common.synthetic_dataset`); the overhead section's larger
+synthetic sets stay synthetic. Everything lives in a temporary folder (or
 --work, kept for the next run); the JSON goes to --out (default: a new file in the system's temp folder,
 printed at the end), so nothing lands in the repository. Other processes slow every figure: the load
 average is recorded before and after each section; take results from a quiet machine.
@@ -125,16 +127,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--per-class", type=positive_int, default=None, help="synthetic images per class (4 classes)"
     )
     p.add_argument(
+        "--src",
+        type=Path,
+        default=None,
+        help="class folders of real radiographs to use instead of the synthetic set (read, never written)",
+    )
+    p.add_argument(
         "--compile",
         choices=("none", "channels_last", "all"),
         default=None,
         help="step cases also timed under torch.compile (default: channels_last; none with --quick)",
     )
     args = p.parse_args(argv)
-    if args.gpu and (args.sections or args.per_class or args.compile):
+    if args.gpu and (args.sections or args.per_class or args.compile or args.src):
         raise InputError(
-            "--gpu runs its own plan (benchmarks/gpu.py): --sections, --per-class and --compile do not apply"
+            "--gpu runs its own plan (benchmarks/gpu.py): --sections, --per-class, --src and --compile "
+            "do not apply"
         )
+    if args.src is not None and not args.src.is_dir():
+        raise InputError(f"--src {args.src} is not a folder of class folders")
     return args
 
 
@@ -168,16 +179,18 @@ def run_sections(args: argparse.Namespace, argv: list[str] | None) -> int:
         # A cold compile cache of our own: compile times are what a first run pays, and nothing is shared.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
         load_before, start = load_average(), time.perf_counter()
-        data = synthetic_dataset(work, plan.per_class)
+        data = synthetic_dataset(work, plan.per_class, src=args.src)
         results["data"] = {
-            "per_class": plan.per_class,
+            "source": str(args.src.resolve()) if args.src else "synthetic",
+            "per_class": plan.per_class if args.src is None else None,
             "splits": data.counts,
             "image_size_px": IMAGE_SIZE_PX,
             "prepare_s": time.perf_counter() - start,
             "load_before": load_before,
         }
         print(
-            f"data: {sum(data.counts.values())} synthetic images, split {data.counts}, ready in "
+            f"data: {sum(data.counts.values())} {'synthetic' if args.src is None else 'real'} images, "
+            f"split {data.counts}, ready in "
             f"{results['data']['prepare_s']:.1f} s"
         )
 
