@@ -127,6 +127,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--per-class", type=positive_int, default=None, help="synthetic images per class (4 classes)"
     )
     p.add_argument(
+        "--baseline-epochs",
+        type=positive_int,
+        default=None,
+        help="baseline section: epochs (default: the recipe's)",
+    )
+    p.add_argument(
         "--src",
         type=Path,
         default=None,
@@ -158,7 +164,12 @@ def run_sections(args: argparse.Namespace, argv: list[str] | None) -> int:
     from cxrdist.config import DataConfig
 
     plan = QUICK if args.quick else FULL
-    plan = replace(plan, per_class=args.per_class or plan.per_class, compile=args.compile or plan.compile)
+    plan = replace(
+        plan,
+        per_class=args.per_class or plan.per_class,
+        compile=args.compile or plan.compile,
+        baseline_epochs=args.baseline_epochs or plan.baseline_epochs,
+    )
     sections = args.sections or list(SECTIONS)
     device = default_device()
     match_training_process(device)  # the compute references get the training process's settings
