@@ -26,7 +26,7 @@ from rich.table import Table
 
 from cxrdist.artifacts import load_trained_model
 from cxrdist.augment import eval_transform
-from cxrdist.cli import add_device, add_inputs, add_model, find_images, resolve_device
+from cxrdist.cli import add_device, add_inputs, add_model, check_writable_file, find_images, resolve_device
 from cxrdist.data import eval_batches, read_manifest
 from cxrdist.evaluate import check_compatible
 from cxrdist.models import gradcam_target_layer
@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)
     if not args.inputs and not args.shards:
         raise InputError("give images or folders to explain, or --shards for a per-class grid")
+    check_writable_file(args.out / "explain_summary.json", "--out")  # before any work
     device = resolve_device(args.device)
     model, meta = load_trained_model(args.model, device)
-    args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"model": args.model}
     failures = 0
     if args.inputs:

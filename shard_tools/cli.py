@@ -1,9 +1,10 @@
 """What every command line of shard_tools and cxrdist shares: one-line messages, exit codes, argument types.
 
 A command is ``def main(argv) -> int`` wrapped by `run_main`, which turns the project's errors
-(`shard_tools.errors`) into one line on stderr and the exit code of the README's table, Ctrl-C into 130
-and SIGTERM into 143, never into a traceback. An unexpected exception still shows its traceback: that is
-a bug to report, not a message to polish.
+(`shard_tools.errors`) into one line on stderr and the exit code of the README's table, an operating-system
+error (a full disk) into one line and exit 1, Ctrl-C into 130 and SIGTERM into 143, never into a
+traceback. An unexpected exception still shows its traceback: that is a bug to report, not a message to
+polish.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from rich.console import Console
 from rich.markup import escape
 
-from shard_tools.errors import CxrdistError, Terminated, exit_code_for
+from shard_tools.errors import EXIT_FAILED, CxrdistError, Terminated, exit_code_for
 
 
 def stderr_console() -> Console:
@@ -63,6 +64,10 @@ def run_main(
     except CxrdistError as e:
         print_problem(e, e.label if label == "error" else label)
         return exit_code_for(e)
+    except OSError as e:  # a disk that filled up, a folder that vanished: the run failed, say where
+        where = f"{e.filename}: " if e.filename else ""
+        print_problem(f"{where}{e.strerror or e}; nothing half-written was left behind", label)
+        return EXIT_FAILED
     except KeyboardInterrupt as e:
         print_problem("interrupted (Ctrl-C); nothing half-written was left behind", "stopped", "yellow")
         return exit_code_for(e)
