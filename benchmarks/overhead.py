@@ -32,13 +32,13 @@ from benchmarks.step import StepCase, StepTiming, time_training_step
 def resolved_training(recipe: str, device: torch.device) -> dict[str, Any]:
     """What `cxrdist.train` will use for this recipe on `device` with no overrides."""
     from cxrdist.config import load_config
-    from cxrdist.optim import resolve_mixed_precision
+    from cxrdist.optim import resolve_channels_last, resolve_mixed_precision
 
     cfg = load_config(ROOT / recipe)
     return {
         "batch_size": cfg.train.per_device_batch_size,
         "precision": resolve_mixed_precision(cfg.train.mixed_precision, device),
-        "channels_last": cfg.train.channels_last,
+        "channels_last": resolve_channels_last(cfg.train.channels_last, device, cfg.model.name),
         "compile": cfg.train.compile,
         "num_workers": cfg.data.num_workers,
     }

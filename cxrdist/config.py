@@ -107,7 +107,9 @@ class TrainConfig:
     label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     class_weights: bool = False  # inverse-frequency weights from the manifest's train counts
     grad_clip_norm: float = _at_least(0.0, 0.0)  # 0 = off
-    channels_last: bool = True
+    # Memory format of activations. "auto": on for CUDA (tensor cores want NHWC); on a CPU only for
+    # seed_cnn, where it was measured faster (1.7x; ResNet18 ran 0.8x: BENCHMARKS.md). Also true / false.
+    channels_last: str = _choice("auto", "auto", "true", "false")
     compile: bool = False  # torch.compile the model
     ema_decay: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # 0 = no EMA
     best_metric: str = _choice("macro_f1", "macro_f1", "accuracy", "balanced_accuracy", "loss")
@@ -221,6 +223,8 @@ def _build_section(cls: type, values: dict[str, Any], source: str, section: str)
         if key not in fields:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"{source}: unknown key '{section}.{key}'. Allowed in [{section}]: {allowed}")
+        if isinstance(value, bool) and {"true", "false"} <= set(fields[key].metadata.get("choices", ())):
+            value = "true" if value else "false"  # a tri-state key takes TOML's true / false as well
         typed = _coerce(value, hints[key], where)
         _check_bounds(typed, fields[key].metadata, where)
         kwargs[key] = typed

@@ -83,6 +83,14 @@ def resolve_mixed_precision(requested: str, device: torch.device) -> str:
     return "no"
 
 
+def resolve_channels_last(requested: str, device: torch.device, model_name: str) -> bool:
+    """`train.channels_last` as used on `device`: "auto" is on for CUDA, and on a CPU only for seed_cnn,
+    the one model measured faster there in channels_last (BENCHMARKS.md, "Training step")."""
+    if requested != "auto":
+        return requested == "true"
+    return device.type == "cuda" or model_name == "seed_cnn"
+
+
 def class_weights(class_counts: list[int]) -> torch.Tensor:
     """Inverse-frequency weights (mean 1 per training image); 0 for a class with no training image."""
     counts = torch.tensor(class_counts, dtype=torch.float32)

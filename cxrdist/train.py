@@ -79,6 +79,7 @@ from cxrdist.optim import (  # noqa: E402
     loss_fn,
     lr_at,
     lr_scaling_rule,
+    resolve_channels_last,
     resolve_mixed_precision,
     scaled_lr,
 )
@@ -135,6 +136,7 @@ class Run:
     val_cache: DeviceCache | None  # the val split too, when both fit data.cache_max_gb
     run_dir: Path
     in_chans: int  # model.in_chans resolved (1 or 3)
+    channels_last: bool  # train.channels_last resolved for this device and model
     steps: int  # micro-batches per epoch per rank
     mixed_precision: str  # train.mixed_precision resolved for this device: "no", "bf16" or "fp16"
     peak_lr: float  # optim.lr scaled to the global batch (cxrdist.optim.scaled_lr)
@@ -262,7 +264,8 @@ def setup(cfg: Config, accelerator: Any, resume: bool) -> Run:
     set_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
     in_chans = input_channels(cfg.model)
     raw_model = create_model(cfg.model, num_classes=len(manifest.classes))
-    if cfg.train.channels_last:
+    channels_last = resolve_channels_last(cfg.train.channels_last, device, cfg.model.name)
+    if channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     raw_model.to(device)
     ema = copy.deepcopy(raw_model).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
@@ -312,6 +315,7 @@ def setup(cfg: Config, accelerator: Any, resume: bool) -> Run:
         val_cache=val_cache,
         run_dir=run_dir,
         in_chans=in_chans,
+        channels_last=channels_last,
         steps=steps,
         mixed_precision=accelerator.mixed_precision,
         peak_lr=peak_lr,
@@ -427,7 +431,7 @@ def train_step(
     run.generator.manual_seed(derive_seed("augment", cfg.run.seed, epoch, rank, i))
     images, labels = to_device(batch, device)
     with acc.accumulate(run.model):
-        x = train_transform(images, cfg.augment, run.generator, run.in_chans, cfg.train.channels_last)
+        x = train_transform(images, cfg.augment, run.generator, run.in_chans, run.channels_last)
         loss = loss_fn(run.model(x), labels, cfg.train, run.weight)
         acc.backward(loss)
         if acc.sync_gradients:
@@ -507,7 +511,7 @@ def eval_settings(run: Run, tta: bool = False) -> EvalSettings:
         batch_size=cfg.train.eval_batch_size or 2 * cfg.train.per_device_batch_size,
         num_workers=cfg.data.num_workers,
         in_chans=run.in_chans,
-        channels_last=cfg.train.channels_last,
+        channels_last=run.channels_last,
         autocast_dtype=dtype,
         tta_hflip=tta,
     )
@@ -621,7 +625,8 @@ def fit(run: Run, resume: bool) -> None:
         acc,
         f"cxrdist: {cfg.model.name} on {acc.num_processes} process(es), device {acc.device}, "
         f"{run.manifest.count('train')} train images, {run.steps} steps/epoch of "
-        f"{cfg.train.per_device_batch_size} per device, mixed precision {run.mixed_precision}, "
+        f"{cfg.train.per_device_batch_size} per device, mixed precision {run.mixed_precision}"
+        f"{', channels_last' if run.channels_last else ''}, "
         f"input {'device cache' if run.cache is not None else 'streaming'}",
     )
     progress = Progress(
