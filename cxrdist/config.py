@@ -39,7 +39,7 @@ def _at_least(default: float, minimum: float) -> Any:
 @dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/default"  # run directory: config, metrics, checkpoints, best model, plots
-    seed: int = 0
+    seed: int = _at_least(0, 0)  # every random stream of the run derives from it (cxrdist.rng)
     keep_checkpoints: int = _at_least(2, 1)  # last K `checkpoints/epoch-NNNN` kept
     log_with: tuple[str, ...] = ()  # Accelerate trackers, e.g. ["tensorboard"]
 

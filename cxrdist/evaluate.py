@@ -309,7 +309,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--bootstrap", type=non_negative_int, default=1000, help="resamples for the 95%% intervals (0 = none)"
     )
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (same seed, same intervals)")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="bootstrap seed (same seed, same intervals)"
+    )
     p.add_argument(
         "--no-temperature", action="store_true", help="raw softmax: ignore the model's fitted temperature"
     )

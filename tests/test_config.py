@@ -123,10 +123,25 @@ _toml_values = st.recursive(
     max_leaves=6,
 )
 _section_names = st.sampled_from(
-    ["run", "data", "augment", "model", "optim", "train", "dist", "x"]
+    ["run", "data", "augment", "model", "optim", "train", "eval", "dist", "x"]
 ) | st.text(max_size=6)
 _key_names = st.sampled_from(
-    ["dir", "seed", "shards", "epochs", "lr", "name", "enabled", "crop_scale", "log_with", "timeout_s"]
+    [
+        "dir",
+        "seed",
+        "shards",
+        "epochs",
+        "lr",
+        "name",
+        "enabled",
+        "crop_scale",
+        "log_with",
+        "timeout_s",
+        "channels_last",
+        "lr_base_batch",
+        "bootstrap_resamples",
+        "in_chans",
+    ]
 ) | st.text(max_size=6)
 
 
@@ -155,3 +170,9 @@ def test_crop_scale_is_checked_when_the_recipe_loads(value):
         ConfigError, match=r"\[augment\] crop_scale: must be \[lo, hi\] with 0 < lo <= hi <= 1"
     ):
         load_config(None, [f"augment.crop_scale={value}"])
+
+
+def test_the_seed_is_a_whole_number_of_at_least_zero():
+    """numpy's generators (the bootstrap) refuse negative seeds: refuse them when the recipe loads."""
+    with pytest.raises(ConfigError, match=r"\[run\] seed: must be >= 0"):
+        load_config(None, ["run.seed=-1"])
