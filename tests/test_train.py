@@ -243,8 +243,10 @@ def test_training_options_accumulate_clip_smooth_weight_stop_and_log(train_shard
             "train.label_smoothing=0.1",
             "train.class_weights=true",
             "train.patience=1",
-            "train.best_metric=loss",
-            "optim.lr=0.5",  # far too high: validation loss gets worse and early stopping must fire
+            "train.best_metric=accuracy",
+            # Too small to learn anything: validation accuracy only drifts with BatchNorm's statistics,
+            # so it soon fails to improve and early stopping fires.
+            "optim.lr=1e-12",
             "optim.warmup_epochs=0",
             "run.log_with=['tensorboard']",
         ),
@@ -252,8 +254,15 @@ def test_training_options_accumulate_clip_smooth_weight_stop_and_log(train_shard
     assert res.returncode == 0, res.stderr[-3000:]
     assert "early stop" in res.stdout
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert 2 <= len(rows) < 8
-    best = min(rows, key=lambda r: r["val"]["loss"])
+    # The loop stopped exactly at the first epoch that did not beat the best so far (ties do not).
+    best_so_far, stop = None, None
+    for r in rows:
+        if best_so_far is not None and r["val"]["accuracy"] <= best_so_far["val"]["accuracy"]:
+            stop = r["epoch"]
+            break
+        best_so_far = r
+    assert stop == len(rows) < 8, [r["val"]["accuracy"] for r in rows]
+    best = best_so_far
     assert json.loads((run_dir / "test_metrics.json").read_text())["best_epoch"] == best["epoch"]
     assert json.loads((run_dir / "best/meta.json").read_text())["epoch"] == best["epoch"]
     assert list(run_dir.rglob("events.out.tfevents.*")), "no TensorBoard event file"
@@ -271,31 +280,27 @@ def test_fp16_needs_a_gpu(train_shards, tmp_path):
     assert res.returncode == 2 and "fp16" in res.stderr and "bf16" in res.stderr
 
 
-def test_the_same_recipe_learns_alike_on_one_and_two_ranks(cnn_shards, tmp_path):
-    """The study CNN's recipe on 1 and 2 gloo ranks: two ranks double the global batch, so the learning
-    rate doubles (linear rule for SGD) and, with the same seeds, test accuracy matches within noise."""
+def test_the_same_recipe_learns_alike_on_one_and_two_ranks(train_shards, tmp_path):
+    """One recipe on 1 and 2 gloo ranks, the same seeds: two ranks double the global batch, the learning
+    rate follows it (sqrt rule for AdamW: x 1.41, logged at start-up), and test accuracy matches within
+    noise (72 test images per run, 3 seeds each)."""
     accuracy: dict[int, list[float]] = {1: [], 2: []}
     for ranks in (1, 2):
-        for seed in (0, 1):
+        for seed in (0, 1, 2):
             run_dir = tmp_path / f"r{ranks}s{seed}"
             sets = [
-                f"run.dir={run_dir}",
-                f"data.shards={cnn_shards}",
-                "train.epochs=5",
-                "train.per_device_batch_size=16",
-                "optim.lr_base_batch=16",
+                "optim.lr_base_batch=16",  # the rate in recipes/demo.toml, as if tuned at batch 16
                 f"run.seed={seed}",
-                "train.mixed_precision=no",
                 "data.num_workers=0",
                 "eval.bootstrap_resamples=0",
                 "eval.gradcam_per_class=0",
             ]
-            args = ("recipes/cnn.toml", *[a for s in sets for a in ("--set", s)])
-            res = accelerate_launch(ranks, "cxrdist.train", *args, timeout=600)
+            args = fast_overrides(run_dir, train_shards, 4, *sets)
+            res = accelerate_launch(ranks, "cxrdist.train", "recipes/demo.toml", *args, timeout=600)
             assert res.returncode == 0, res.stderr[-3000:]
-            expected_lr = 0.01 * ranks
-            assert f"learning rate {expected_lr:.4g}" in res.stdout and "linear scaling" in res.stdout
+            expected_lr = 2e-3 * ranks**0.5
+            assert f"learning rate {expected_lr:.4g}" in res.stdout and "sqrt scaling" in res.stdout
             accuracy[ranks].append(json.loads((run_dir / "test_metrics.json").read_text())["accuracy"])
     mean = {r: sum(v) / len(v) for r, v in accuracy.items()}
-    assert mean[1] > 0.5, accuracy  # the recipe learns at all (chance is 0.25)
-    assert abs(mean[1] - mean[2]) <= 0.08, accuracy
+    assert mean[1] > 0.45, accuracy  # the recipe learns at all (chance is 0.25)
+    assert abs(mean[1] - mean[2]) <= 0.1, accuracy
