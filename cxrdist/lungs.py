@@ -31,7 +31,7 @@ from shard_tools.schema import IMAGENET_MEAN
 
 __all__ = ["BORDER_FRACTION", "FILL", "TEMPLATE_FIELDS", "border_mask", "hide", "template_mask"]
 
-FILL = round(255 * sum(IMAGENET_MEAN) / 3)  # 115: normalises to ~0 for 1- and 3-channel models
+FILL = round(255 * sum(IMAGENET_MEAN) / 3)  # 114: normalises to ~0 for 1- and 3-channel models
 TEMPLATE_FIELDS = ((0.31, 0.47, 0.16, 0.30), (0.69, 0.47, 0.16, 0.30))  # (cx, cy, rx, ry), image fractions
 BORDER_FRACTION = 0.12  # "only the border visible": this share of the side on each edge
 
