@@ -131,8 +131,8 @@ def describe_machine(m: dict[str, Any]) -> str:
 def match_training_process(device: torch.device) -> None:
     """Give this process the settings `cxrdist.train` gives itself on `device`, so that a compute-only
     reference measured here runs as the training step does: on CUDA TF32 and cuDNN autotuning, on a CPU
-    glibc keeping freed blocks (`cxrdist.train.configure_device`, the one place for them)."""
-    from cxrdist.train import configure_device
+    glibc keeping freed blocks (`cxrdist.runtime.configure_device`, the one place for them)."""
+    from cxrdist.runtime import configure_device
 
     configure_device(device)
 
