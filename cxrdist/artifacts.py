@@ -100,6 +100,25 @@ class ModelMeta:
         return meta
 
 
+def model_meta(
+    model_name: str, in_chans: int, classes: tuple[str, ...], image_size: int, training: dict[str, Any]
+) -> dict[str, Any]:
+    """meta.json of a newly trained model: the writer's side of `ModelMeta.from_dict`. The fields it reads
+    (model, classes in label order, image size, the normalisation `in_chans` implies), then `training`
+    (where the weights come from: epoch, ema, best_metric, val_metrics) and the provenance."""
+    from cxrdist.augment import normalize_stats
+
+    mean, std = normalize_stats(in_chans)
+    return {
+        "model": {"name": model_name, "in_chans": in_chans},
+        "classes": list(classes),
+        "image_size": image_size,
+        "normalization": {"mean": list(mean), "std": list(std), "input": "uint8 gray / 255"},
+        **training,
+        "provenance": provenance(),
+    }
+
+
 def export_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: Path) -> None:
     """Write `out_dir/model.safetensors` + `out_dir/meta.json` atomically as one directory.
 

@@ -35,8 +35,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402 - after the environment variable it reads at load
 
-from cxrdist.artifacts import ArtifactError, export_model, provenance  # noqa: E402
-from cxrdist.augment import normalize_stats, train_transform  # noqa: E402
+from cxrdist.artifacts import ArtifactError, export_model, model_meta, provenance  # noqa: E402
+from cxrdist.augment import train_transform  # noqa: E402
 from cxrdist.checkpoint import (  # noqa: E402
     CHECKPOINTS,
     TrainState,
@@ -451,20 +451,16 @@ def eval_settings(run: Run, tta: bool = False) -> EvalSettings:
     )
 
 
-def model_meta(run: Run, epoch: int, val_metrics: dict) -> dict:
-    """best/meta.json: everything a saved model needs to be used correctly (see cxrdist.artifacts)."""
-    mean, std = normalize_stats(run.in_chans)
-    return {
-        "model": {"name": run.cfg.model.name, "in_chans": run.in_chans},
-        "classes": list(run.manifest.classes),
-        "image_size": run.manifest.image_size,
-        "normalization": {"mean": list(mean), "std": list(std), "input": "uint8 gray / 255"},
+def best_meta(run: Run, epoch: int, val_metrics: dict) -> dict:
+    """best/meta.json for the evaluation model after `epoch` (layout: `cxrdist.artifacts.model_meta`)."""
+    training = {
         "epoch": epoch,
         "ema": run.ema is not None,
         "best_metric": run.cfg.train.best_metric,
         "val_metrics": val_metrics,
-        "provenance": provenance(),
     }
+    manifest = run.manifest
+    return model_meta(run.cfg.model.name, run.in_chans, manifest.classes, manifest.image_size, training)
 
 
 def eval_model(run: Run) -> torch.nn.Module:
@@ -499,7 +495,7 @@ def export_best(run: Run, epoch: int, val: dict) -> dict[str, torch.Tensor]:
     problem = ""
     if acc.is_main_process:
         try:
-            export_model(best_state, model_meta(run, epoch, val), run.run_dir / BEST_DIR)
+            export_model(best_state, best_meta(run, epoch, val), run.run_dir / BEST_DIR)
         except ArtifactError as e:
             problem = str(e)
     if not all_ranks_ok(acc, not problem):
