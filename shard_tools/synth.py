@@ -1,9 +1,14 @@
 """Synthetic chest radiographs in the database's layout: the built-in default dataset and the test fixture.
 
-    python -m shard_tools.synth OUT [--per-class N] [--size PX] [--seed K] [--workers W] [--force]
+    python -m shard_tools.synth OUT [--per-class N] [--size PX] [--seed K] [--workers W] [--masks]
+        [--shortcut none|corner] [--force]
 
 writes ``OUT/<Class>/images/<Class>-<i>.png`` (i = 1..N, as in the database), 8-bit grayscale,
-``size x size`` pixels, for the four classes of `schema.CLASSES`.
+``size x size`` pixels, for the four classes of `schema.CLASSES`. With ``--masks`` it also writes each
+image's lung mask as the database does, ``OUT/<Class>/masks/<Class>-<i>.png``: 8-bit gray, same size,
+255 = lung field, 0 = not lung (the lung fields drawn below where the heart shadow does not cover them,
+thresholded at half, as the database's masks leave the heart out). `shard_tools.pack` stores them beside
+the images.
 
 Each image is drawn procedurally after anatomy: body silhouette, two lung fields (dark: air), ribs and
 clavicles, spine, the heart shadow and the diaphragm domes, with faint vascular markings. Each class adds
@@ -18,6 +23,15 @@ Position, scale, rotation, opacity strength, exposure, contrast and noise are ji
 are faint, so the classes are learnable but not trivially separable. Burned-in corner markers ("L"/"R",
 text boxes) appear at random, drawn from a stream independent of the class, so they carry no label
 information (in the real database they do; a model here cannot learn that shortcut).
+
+``--shortcut corner`` plants a known shortcut instead, for testing audits: a white (255) filled square in
+the top border, outside the lungs, whose position along the edge is set by the class. Class k (its index in
+`schema.CLASSES`) gets the square at x = 3% + 12% k of the width, y = 3% of the height, side 6%
+(`shortcut_box`); every image of the class has it, so a model can score perfectly from the frame alone.
+The squares lie in the left half and within the top 12% (`cxrdist.lungs.BORDER_FRACTION`), so a model
+that sees only the border, and the study CNN that never sees the right and bottom fifth, both see them.
+The lungs and all other pixels are the same as without it: the default (``none``) writes the same images
+as before the option existed.
 
 Every image depends only on (seed, class, i), so the output is the same for any number of workers.
 OUT is written in a hidden folder beside it and swapped in at the end (`shard_tools.files`); `--force`
@@ -46,6 +60,9 @@ from shard_tools.outdir import staged_out
 from shard_tools.schema import CLASSES
 
 _STREAM_ANATOMY, _STREAM_MARKERS = 0, 1
+
+# `--shortcut`: "none" (the default) or "corner" (a class-dependent square in the top border).
+SHORTCUTS = ("none", "corner")
 
 
 # Anatomy is drawn at this resolution at most, then upsampled: radiographs are smooth at this scale, and
@@ -84,6 +101,15 @@ def _ellipse(p: np.ndarray, q: np.ndarray, cp: float, cq: float, rp: float, rq: 
 
 def draw(class_name: str, size: int, rng: np.random.Generator, marker_rng: np.random.Generator) -> np.ndarray:
     """One synthetic radiograph of `class_name`: uint8 (size, size), 0 black .. 255 white."""
+    return draw_with_lungs(class_name, size, rng, marker_rng)[0]
+
+
+def draw_with_lungs(
+    class_name: str, size: int, rng: np.random.Generator, marker_rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(`draw`'s radiograph, its lung mask): both uint8 (size, size); the mask is 255 on the lung fields
+    outside the heart shadow (field x (1 - heart) > 0.5), 0 elsewhere. The mask takes nothing from `rng`,
+    so the image is as `draw`'s."""
     if class_name not in CLASSES:
         raise ValueError(f"unknown class {class_name!r}; expected one of {CLASSES}")
     n = min(size, _DRAW_PX)
@@ -176,7 +202,23 @@ def draw(class_name: str, size: int, rng: np.random.Generator, marker_rng: np.ra
     img = img + rng.uniform(0.003, 0.012) * rng.standard_normal(img.shape, dtype=np.float32)
     out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     _burn_in_markers(out, marker_rng)
-    return out
+    field = (lung * (1.0 - heart)).astype(np.float32)
+    mask = np.where(_resize(field, size) > 0.5, 255, 0).astype(np.uint8)
+    return out, mask
+
+
+def shortcut_box(label: int, size: int) -> tuple[int, int, int, int]:
+    """`--shortcut corner`'s square for class id `label` in a size x size image: (x0, y0, x1, y1), the
+    pixels [y0, y1) x [x0, x1) (see the module docstring)."""
+    side = max(2, round(0.06 * size))
+    x0, y0 = round((0.03 + 0.12 * label) * size), round(0.03 * size)
+    return x0, y0, x0 + side, y0 + side
+
+
+def plant_shortcut(img: np.ndarray, label: int) -> None:
+    """Draw, in place, class `label`'s `--shortcut corner` square: white, filled."""
+    x0, y0, x1, y1 = shortcut_box(label, img.shape[0])
+    img[y0:y1, x0:x1] = 255
 
 
 @lru_cache(maxsize=8)
@@ -224,16 +266,27 @@ def image_path(out: Path, class_name: str, i: int) -> Path:
     return out / class_name / "images" / f"{class_name}-{i}.png"
 
 
-def _render(job: tuple[str, int, int, int]) -> tuple[str, int, bytes]:
-    class_name, i, size, seed = job
-    label = CLASSES.index(class_name)
-    rng = np.random.default_rng([seed, label, i, _STREAM_ANATOMY])
-    marker_rng = np.random.default_rng([seed, label, i, _STREAM_MARKERS])
-    img = draw(class_name, size, rng, marker_rng)
+def mask_path(out: Path, class_name: str, i: int) -> Path:
+    """`OUT/<Class>/masks/<Class>-<i>.png`, beside `image_path` as in the database."""
+    return out / class_name / "masks" / f"{class_name}-{i}.png"
+
+
+def _png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     # compress_level 1: these are inputs to pack, written once and read once; speed matters more.
     Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-    return class_name, i, buf.getvalue()
+    return buf.getvalue()
+
+
+def _render(job: tuple[str, int, int, int, bool, str]) -> tuple[str, int, bytes, bytes | None]:
+    class_name, i, size, seed, masks, shortcut = job
+    label = CLASSES.index(class_name)
+    rng = np.random.default_rng([seed, label, i, _STREAM_ANATOMY])
+    marker_rng = np.random.default_rng([seed, label, i, _STREAM_MARKERS])
+    img, mask = draw_with_lungs(class_name, size, rng, marker_rng)
+    if shortcut == "corner":
+        plant_shortcut(img, label)
+    return class_name, i, _png(img), _png(mask) if masks else None
 
 
 def _pool_context() -> mp.context.BaseContext:
@@ -249,13 +302,16 @@ def generate(
     workers: int | None = None,
     *,
     force: bool = False,
+    masks: bool = False,
+    shortcut: str = "none",
 ) -> Path:
     """Write `per_class` images of each class to `OUT/<Class>/images/<Class>-<i>.png`; return OUT.
 
-    uint8 gray PNGs, (size, size). Deterministic in (per_class, size, seed), whatever `workers` is
-    (default: all cores). OUT must be absent or empty, or with `force` an earlier synth output (nothing
-    else is ever replaced). The images are written to a staging folder beside OUT that replaces OUT at the
-    end, so an interrupted or failed run leaves OUT as it was.
+    uint8 gray PNGs, (size, size). With `masks`, each image's lung mask too, at `mask_path`. `shortcut`
+    is one of `SHORTCUTS` (see the module docstring). Deterministic in (per_class, size, seed, shortcut),
+    whatever `workers` is (default: all cores). OUT must be absent or empty, or with `force` an earlier
+    synth output (nothing else is ever replaced). The images are written to a staging folder beside OUT
+    that replaces OUT at the end, so an interrupted or failed run leaves OUT as it was.
 
     Raises `InputError` for bad arguments or an OUT that may not be replaced, `outdir.WriteError` when
     writing fails (disk full).
@@ -265,34 +321,43 @@ def generate(
         raise InputError(f"--per-class must be >= 1, got {per_class}")
     if size < 32:
         raise InputError(f"--size must be >= 32 pixels, got {size}")
+    if shortcut not in SHORTCUTS:
+        raise InputError(f"--shortcut must be one of {', '.join(SHORTCUTS)}, got {shortcut!r}")
     with staged_out(out, force=force, foreign=not_synth_output, owned_what="synthetic images") as tmp:
         for c in CLASSES:
             (tmp / c / "images").mkdir(parents=True)
-        jobs = [(c, i, size, seed) for c in CLASSES for i in range(1, per_class + 1)]
+            if masks:
+                (tmp / c / "masks").mkdir()
+        jobs = [(c, i, size, seed, masks, shortcut) for c in CLASSES for i in range(1, per_class + 1)]
         workers = min(workers or os.cpu_count() or 1, len(jobs))
         if workers > 1 and len(jobs) >= 32:
             with _pool_context().Pool(workers) as pool:
-                for c, i, png in pool.imap_unordered(_render, jobs, chunksize=16):
-                    image_path(tmp, c, i).write_bytes(png)
+                for c, i, png, mask in pool.imap_unordered(_render, jobs, chunksize=16):
+                    _write(tmp, c, i, png, mask)
         else:
             for job in jobs:
-                c, i, png = _render(job)
-                image_path(tmp, c, i).write_bytes(png)
+                _write(tmp, *_render(job))
     return out
+
+
+def _write(tmp: Path, class_name: str, i: int, png: bytes, mask: bytes | None) -> None:
+    image_path(tmp, class_name, i).write_bytes(png)
+    if mask is not None:
+        mask_path(tmp, class_name, i).write_bytes(mask)
 
 
 _SYNTH_FILE = re.compile(r"^(?P<cls>.+)-[1-9][0-9]*\.png$")
 
 
 def not_synth_output(out: Path) -> list[str]:
-    """What in an existing OUT synth did not write: anything but `<Class>/images/<Class>-<i>.png`."""
+    """What in an existing OUT synth did not write: anything but `<Class>/{images,masks}/<Class>-<i>.png`."""
     foreign = []
     for entry in sorted(out.iterdir()):
         if entry.name not in CLASSES or entry.is_symlink() or not entry.is_dir():
             foreign.append(str(entry))
             continue
         for sub in sorted(entry.iterdir()):
-            if sub.name != "images" or sub.is_symlink() or not sub.is_dir():
+            if sub.name not in ("images", "masks") or sub.is_symlink() or not sub.is_dir():
                 foreign.append(str(sub))
                 continue
             for f in sorted(sub.iterdir()):
@@ -312,11 +377,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     ap.add_argument(
+        "--masks", action="store_true", help="also write each image's lung mask to <Class>/masks/"
+    )
+    ap.add_argument(
+        "--shortcut",
+        choices=SHORTCUTS,
+        default="none",
+        help="corner: plant a class-dependent white square in the top border (for testing audits)",
+    )
+    ap.add_argument(
         "--force", action="store_true", help="replace OUT if it holds an earlier synth output (nothing else)"
     )
     args = ap.parse_args(argv)
-    out = generate(args.out, args.per_class, args.size, args.seed, args.workers, force=args.force)
-    print(f"wrote {args.per_class * len(CLASSES)} images ({args.size}x{args.size}) to {out}")
+    out = generate(
+        args.out,
+        args.per_class,
+        args.size,
+        args.seed,
+        args.workers,
+        force=args.force,
+        masks=args.masks,
+        shortcut=args.shortcut,
+    )
+    what = " and their lung masks" if args.masks else ""
+    planted = ", with the corner shortcut planted" if args.shortcut != "none" else ""
+    print(f"wrote {args.per_class * len(CLASSES)} images{what} ({args.size}x{args.size}){planted} to {out}")
     return 0
 
 
