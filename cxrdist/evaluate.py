@@ -6,9 +6,9 @@ clinical reader asks for: 95% intervals, calibration, operating points, test-tim
 
 Library use (the training loop calls the first two every epoch, the third once at the end)::
 
-    scores = evaluate_split(model, manifest, "val", EvalSettings(...), rank=r, world_size=w)
+    scores = evaluate_split(model, manifest, "val", ScoringSettings(...), rank=r, world_size=w)
     metrics = split_metrics(scores, manifest.classes, probabilities(scores))
-    report = full_metrics(scores, manifest.classes, Options(temperature=T, resamples=1000, seed=0))
+    report = full_metrics(scores, manifest.classes, MetricOptions(temperature=T, resamples=1000, seed=0))
 
 Contract: every rank evaluates the shards `eval_batches` assigns it (possibly none), then all ranks join
 one gather of the per-sample logits, labels and keys (`SplitScores`). The scores are sorted by sample key,
@@ -45,8 +45,11 @@ class EvalError(CxrdistError):
     """The evaluation did not see exactly the samples the manifest lists. Exit 1."""
 
 
-@dataclass(frozen=True)
-class EvalSettings:
+@dataclass(frozen=True, kw_only=True)
+class ScoringSettings:
+    """How `evaluate_split` runs the model over a split: where, in what batches, at what precision, and
+    whether the mirrored image is scored too. None of it changes which samples are scored."""
+
     device: torch.device
     batch_size: int = 128
     num_workers: int = 2
@@ -87,7 +90,7 @@ def evaluate_split(
     model: torch.nn.Module,
     manifest: Manifest,
     split: str,
-    settings: EvalSettings,
+    settings: ScoringSettings,
     *,
     rank: int = 0,
     world_size: int = 1,
@@ -185,9 +188,10 @@ def split_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], pro
     return metrics
 
 
-@dataclass(frozen=True)
-class Options:
-    """What `full_metrics` computes beyond the plain metrics."""
+@dataclass(frozen=True, kw_only=True)
+class MetricOptions:
+    """What `full_metrics` derives from the scores beyond the plain metrics: which probabilities it reports
+    (temperature, TTA), the bootstrap's size and seed, and the subgroups to break the metrics down by."""
 
     temperature: float | None = None  # from the model (fitted on val); None = raw softmax
     tta: bool = False  # report the TTA probabilities, and the plain ones beside them
@@ -196,10 +200,14 @@ class Options:
     subgroups: dict[str, str] | None = None  # sample key -> subgroup name
 
 
+# The names these had before: importable, and still in use.
+EvalSettings = ScoringSettings
+Options = MetricOptions
+
 COMPACT = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
-def full_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], options: Options) -> dict:
+def full_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], options: MetricOptions) -> dict:
     """Everything the report and test_metrics.json carry, as one JSON-able dict:
 
     the metrics of `split_metrics` on the probabilities the model reports (temperature-scaled, TTA-averaged
@@ -245,7 +253,7 @@ def full_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], opti
     return metrics
 
 
-def subgroup_metrics(scores: SplitScores, classes, probs: np.ndarray, options: Options) -> dict:
+def subgroup_metrics(scores: SplitScores, classes, probs: np.ndarray, options: MetricOptions) -> dict:
     """Per subgroup (a hospital, an age band, ...): the full metrics of its samples, with intervals."""
     from cxrdist.uncertainty import bootstrap_intervals
 
@@ -322,7 +330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def write_plots(
-    metrics: dict, scores: SplitScores, options: Options, classes, paths: dict[str, Path], title: str
+    metrics: dict, scores: SplitScores, options: MetricOptions, classes, paths: dict[str, Path], title: str
 ) -> list[Path]:
     """The confusion matrix, ROC curves with the operating points, and the reliability diagram (before and
     after the temperature) of `full_metrics(scores, classes, options)`, at `paths["confusion" | "roc" |

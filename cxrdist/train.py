@@ -59,8 +59,8 @@ from cxrdist.distributed import (  # noqa: E402
     rank_prefix,
 )
 from cxrdist.evaluate import (  # noqa: E402
-    EvalSettings,
-    Options,
+    MetricOptions,
+    ScoringSettings,
     SplitScores,
     evaluate_split,
     full_metrics,
@@ -437,10 +437,12 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Any) -> d
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def eval_settings(run: Run, tta: bool = False) -> EvalSettings:
+def eval_settings(run: Run, tta: bool = False) -> ScoringSettings:
+    """How the run scores a split: on its device, channels and precision, so that the numbers are the
+    model's as trained."""
     cfg = run.cfg
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision)
-    return EvalSettings(
+    return ScoringSettings(
         device=run.accelerator.device,
         batch_size=cfg.train.eval_batch_size or 2 * cfg.train.per_device_batch_size,
         num_workers=cfg.data.num_workers,
@@ -648,7 +650,9 @@ def finish_outputs(run: Run, state: TrainState, test: SplitScores, temperature: 
     from cxrdist.tables import print_metrics_table
 
     cfg, classes, run_dir = run.cfg, run.manifest.classes, run.run_dir
-    options = Options(temperature, cfg.eval.tta, cfg.eval.bootstrap_resamples, cfg.run.seed)
+    options = MetricOptions(
+        temperature=temperature, tta=cfg.eval.tta, resamples=cfg.eval.bootstrap_resamples, seed=cfg.run.seed
+    )
     metrics = full_metrics(test, classes, options)
     out = {**metrics, "best_epoch": state.best_epoch, "split": "test", "provenance": provenance()}
     atomic_write_json(run_dir / TEST_METRICS_FILE, out)

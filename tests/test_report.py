@@ -64,7 +64,9 @@ def run_metrics(
     if extras:
         val_logits, val_labels = fake_outputs(k, n, seed + 1)
         groups = None if subgroups is None else {keys[i]: name for i, name in subgroups.items()}
-        options = Options(fit_temperature(val_logits, val_labels), tta, resamples=200, subgroups=groups)
+        options = Options(
+            temperature=fit_temperature(val_logits, val_labels), tta=tta, resamples=200, subgroups=groups
+        )
         metrics = full_metrics(scores, classes, options)
     else:
         metrics = split_metrics(scores, classes, probabilities(scores))

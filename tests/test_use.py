@@ -91,7 +91,7 @@ def test_temperature_fitted_on_val_lowers_test_ece_of_an_over_confident_model(tr
         head.weight.mul_(4.0)
         head.bias.mul_(4.0)
     manifest = read_manifest(str(train_shards))
-    settings = EvalSettings(torch.device("cpu"), batch_size=64, num_workers=0, in_chans=meta.in_chans)
+    settings = EvalSettings(device=torch.device("cpu"), batch_size=64, num_workers=0, in_chans=meta.in_chans)
     val = evaluate_split(model, manifest, "val", settings)
     test = evaluate_split(model, manifest, "test", settings)
     t = fit_temperature(val.logits, val.labels)
