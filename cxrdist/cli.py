@@ -2,19 +2,56 @@
 batch size, workers and the device.
 
 Errors, exit codes and printing are `shard_tools.cli` / `shard_tools.errors` (one contract for both
-packages): a command is ``def main(argv) -> int`` run as ``sys.exit(run_main(main))``.
+packages): a command is ``def main(argv) -> int`` run as ``sys.exit(run_main(main))``; one that every rank
+of a job runs (`cxrdist.train`) goes through `run_on_every_rank`, the same contract told rank by rank.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from shard_tools.cli import non_negative_int, positive_int
+from shard_tools.cli import non_negative_int, positive_int, print_problem, run_main
 from shard_tools.errors import InputError
 from shard_tools.images import IMAGE_SUFFIXES
+
+
+def run_on_every_rank(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """`shard_tools.cli.run_main` for a command that every rank of a job runs (``accelerate launch -m
+    cxrdist.train``). Each line names its rank; what every rank meets alike (a bad recipe, a stop that all
+    ranks checkpointed together) is said once, by rank 0; a collective failing because another rank died
+    is one line and exit 1 (`LostRank`), not a traceback; a second Ctrl-C is `Aborted` (no checkpoint)."""
+    from cxrdist.config import ConfigError
+    from cxrdist.distributed import (
+        Aborted,
+        LostRank,
+        Preempted,
+        is_main_launch_process,
+        lost_rank,
+        lost_rank_message,
+        rank_prefix,
+    )
+
+    def on_this_rank(argv: Sequence[str] | None) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:  # the first Ctrl-C stops the loop with a checkpoint (StopFlag)
+            raise Aborted("interrupted by a second Ctrl-C, without a checkpoint") from None
+        except RuntimeError as e:
+            if not lost_rank(e):
+                raise
+            raise LostRank(lost_rank_message(e)) from None
+
+    def say(message: object, label: str = "error", style: str = "red") -> None:
+        if isinstance(message, (ConfigError, Preempted)) and not is_main_launch_process():
+            return
+        if isinstance(message, (Preempted, Aborted)):
+            style = "yellow"
+        print_problem(message, f"{rank_prefix()}{label}", style)
+
+    return run_main(on_this_rank, argv, say=say)
 
 
 def add_overrides(p: argparse.ArgumentParser, what: str = "the recipe") -> None:

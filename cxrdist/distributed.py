@@ -38,12 +38,26 @@ def any_rank(accelerator: Any, flag: bool) -> bool:
 class Preempted(CxrdistError):
     """SIGTERM or Ctrl-C: every rank finished its step and the checkpoint is saved. Exit 143 or 130."""
 
+    label = "preempted"
+
     def __init__(self, signal_name: str, checkpoint: Path | None) -> None:
         super().__init__(
             f"stopped by {signal_name}; checkpoint saved to {checkpoint}. Continue with --resume."
         )
         self.signal_name = signal_name
         self.exit_code = EXIT_SIGINT if signal_name == "SIGINT" else EXIT_SIGTERM
+
+
+class LostRank(CxrdistError):
+    """A collective failed because another rank died or stopped answering (`lost_rank`). Exit 1."""
+
+
+class Aborted(CxrdistError):
+    """A second Ctrl-C while the ranks were stopping for the first: stopped at once, without a checkpoint
+    (the last one saved is still complete). Exit 130."""
+
+    exit_code = EXIT_SIGINT
+    label = "stopped"
 
 
 class StopFlag:
@@ -60,7 +74,9 @@ class StopFlag:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signal_name and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # impatient second Ctrl-C: stop now, without a checkpoint
+            # Impatient second Ctrl-C: stop now, without a checkpoint. A KeyboardInterrupt, which no
+            # `except Exception` clean-up swallows; `cxrdist.cli.run_on_every_rank` reports it as `Aborted`.
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
 

@@ -44,8 +44,8 @@ from cxrdist.checkpoint import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
-from cxrdist.cli import add_overrides  # noqa: E402
-from cxrdist.config import Config, ConfigError, config_to_dict, load_config  # noqa: E402
+from cxrdist.cli import add_overrides, run_on_every_rank  # noqa: E402
+from cxrdist.config import Config, config_to_dict, load_config  # noqa: E402
 from cxrdist.data import DataError, DeviceCache, Manifest, read_manifest, steps_per_epoch, to_device  # noqa: E402
 from cxrdist.data import train_batches as stream_train_batches  # noqa: E402
 from cxrdist.distributed import (  # noqa: E402
@@ -53,10 +53,6 @@ from cxrdist.distributed import (  # noqa: E402
     StopFlag,
     all_ranks_ok,
     any_rank,
-    is_main_launch_process,
-    lost_rank,
-    lost_rank_message,
-    rank_prefix,
 )
 from cxrdist.evaluate import (  # noqa: E402
     MetricOptions,
@@ -100,8 +96,7 @@ from cxrdist.rundir import (  # noqa: E402
     write_run_header,
 )
 from cxrdist.runtime import configure_device, keep_freed_memory, make_accelerator  # noqa: E402, F401
-from shard_tools.cli import print_problem  # noqa: E402
-from shard_tools.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, CxrdistError, InputError  # noqa: E402
+from shard_tools.errors import EXIT_OK, CxrdistError, InputError  # noqa: E402
 from shard_tools.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -721,30 +716,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes as in the README: 0, 1 run failed, 2 bad input, 130/143 interrupted (checkpoint saved)."""
+    """Exit codes as in the README: 0, 1 run failed, 2 bad input, 130/143 interrupted (checkpoint saved).
+    Every rank of a job runs it; its errors are told as every command's are (`run_on_every_rank`)."""
+    return run_on_every_rank(run_recipe, argv)
+
+
+def run_recipe(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.recipe, args.overrides)
-        train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except Preempted as e:
-        if is_main_launch_process():
-            print_problem(e, "preempted", "yellow")
-        return e.exit_code
-    except CxrdistError as e:
-        # A bad recipe is the same on every rank: say it once.
-        if is_main_launch_process() or not isinstance(e, ConfigError):
-            print_problem(e, f"{rank_prefix()}{e.label}")
-        return e.exit_code
-    except KeyboardInterrupt:
-        print_problem(
-            "interrupted by a second Ctrl-C, without a checkpoint", f"{rank_prefix()}stopped", "yellow"
-        )
-        return EXIT_SIGINT
-    except RuntimeError as e:
-        if not lost_rank(e):
-            raise
-        print_problem(lost_rank_message(e), f"{rank_prefix()}error")
-        return EXIT_FAILED
+    cfg = load_config(args.recipe, args.overrides)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return EXIT_OK
 
 

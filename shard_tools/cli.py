@@ -54,25 +54,31 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def run_main(
-    main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, *, label: str = "error"
+    main: Callable[[Sequence[str] | None], int],
+    argv: Sequence[str] | None = None,
+    *,
+    label: str = "error",
+    say: Callable[..., None] = print_problem,
 ) -> int:
     """Run a command's `main(argv)` and return its exit code, mapping the project's errors (see module
-    docstring). Use as ``sys.exit(run_main(main))``."""
+    docstring). Use as ``sys.exit(run_main(main))``. `say(message, label, style)` prints the one line
+    (`print_problem`'s signature; the message is the error itself for a project error): a command that
+    every rank of a job runs passes one that names the rank (`cxrdist.cli.run_on_every_rank`)."""
     try:
         with sigterm_raises():
             return main(argv)
     except CxrdistError as e:
-        print_problem(e, e.label if label == "error" else label)
+        say(e, e.label if label == "error" else label)
         return exit_code_for(e)
     except OSError as e:  # a disk that filled up, a folder that vanished: the run failed, say where
         where = f"{e.filename}: " if e.filename else ""
-        print_problem(f"{where}{e.strerror or e}; nothing half-written was left behind", label)
+        say(f"{where}{e.strerror or e}; nothing half-written was left behind", label)
         return EXIT_FAILED
     except KeyboardInterrupt as e:
-        print_problem("interrupted (Ctrl-C); nothing half-written was left behind", "stopped", "yellow")
+        say("interrupted (Ctrl-C); nothing half-written was left behind", "stopped", "yellow")
         return exit_code_for(e)
     except Terminated as e:
-        print_problem("stopped by SIGTERM; nothing half-written was left behind", "stopped", "yellow")
+        say("stopped by SIGTERM; nothing half-written was left behind", "stopped", "yellow")
         return exit_code_for(e)
 
 
