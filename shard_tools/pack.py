@@ -2,14 +2,24 @@
 
     python -m shard_tools.pack SRC OUT [--size 128] [--split 0.7,0.15,0.15] [--seed 0] [--shard-size 1000]
         [--max-shard-mb 256] [--min-shards 16] [--workers N] [--classes A,B,...] [--max-skipped 0.01]
-        [--duplicates group|drop] [--groups FILE.csv [--ungrouped error|own-group]] [--force]
+        [--duplicates group|drop] [--groups FILE.csv [--ungrouped error|own-group]] [--no-masks] [--force]
         [--no-progress]
 
 Input (`shard_tools.sources`): SRC is a folder holding one folder per class, in either of the database's
-layouts, `SRC/<Class>/*.png` or `SRC/<Class>/images/*.png` (`masks/` is ignored); or the zip Kaggle
+layouts, `SRC/<Class>/*.png` or `SRC/<Class>/images/*.png` (lung masks in `<Class>/masks/`); or the zip Kaggle
 serves (`covid19-radiography-database.zip`), read in place, with the class folders at its top level or
 one folder down (`COVID-19_Radiography_Dataset/`). Class folders match the class names case-insensitively,
 with space and underscore equal (`Viral Pneumonia`, `viral_pneumonia`). Files: `images.IMAGE_SUFFIXES`.
+
+Lung masks: when the class folders hold `masks/` beside `images/` (the database ships one 256 x 256 mask per
+image, same file name), each sample gets `<key>.mask.png`: the mask resized with NEAREST to the stored image
+size and binarised at 128, and the manifest says `"masks": true`; `--no-masks` leaves them out. Masks are
+stored only when every image has one (a model or an audit cannot use masks that only part of a split
+has): when some images lack one, none is stored and a warning says how many lack one and names a few. A
+mask whose stem names no image of its class (its image is missing) is refused, naming it (exit 2), as is
+a mask whose aspect ratio differs from its image's by more than 2%: either is another image's mask, not a
+resized copy. A mask that cannot be decoded skips its image, counted and listed like an unreadable image
+(`--max-skipped`).
 Each sample's recorded `path` is relative to the folder that holds the class folders, so a zip and the
 folder extracted from it give byte-identical shards.
 
@@ -33,24 +43,23 @@ split, and prints how far the class shares moved from the requested fractions.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import io
 import itertools
 import json
 import math
-import multiprocessing as mp
 import os
-import signal
+import shlex
 import sys
 import tarfile
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -75,10 +84,12 @@ from shard_tools.groups import (
 )
 from shard_tools.images import IMAGE_SUFFIXES
 from shard_tools.outdir import staged_out
+from shard_tools.pool import WorkerPool, ordered_map, process_pool
 from shard_tools.schema import (
     CLASSES,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    MASK_EXT,
     SHARD_FILE,
     SPLITS,
     UNGROUPED_CHOICES,
@@ -90,6 +101,7 @@ from shard_tools.sources import (
     Tree,
     close_archives,
     find_class_dirs,
+    find_masks,
     list_sources,
     open_tree,
     read_image_bytes,
@@ -98,6 +110,8 @@ from shard_tools.splits import assign_group_splits, assign_splits, share_table
 from shard_tools.verify import summary_table
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
+# A lung mask's aspect ratio may differ from its image's by this share (rounding of a resized copy).
+MASK_ASPECT_TOLERANCE = 0.02
 _TAR_BLOCK = tarfile.BLOCKSIZE  # 512
 _TAR_RECORD = tarfile.RECORDSIZE  # a tar file is padded to a multiple of this
 
@@ -118,6 +132,7 @@ class Packed:
     pixel_sha256: str
     orig_size: tuple[int, int]  # (width, height) of the source image
     shape: tuple[int, int]  # (height, width) as stored
+    mask_length: int = 0  # its lung mask's PNG follows the image's in the spill file; 0: no mask
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,7 @@ class Inputs:
     sources: list[Source]  # sorted by (label, path), unique keys
     skipped: list[dict[str, str]]  # non-image files in the class folders
     groups: GroupTable | None  # --groups, matched to `sources`
+    masks: bool = False  # every source has a lung mask (`Source.mask_rel`), and they are to be stored
 
 
 # ------------------------------------------------------------------------------------------------ input
@@ -162,6 +178,12 @@ def _read_inputs(src: Path, opts: PackOptions) -> Inputs:
     for c in opts.classes:
         if c not in class_dirs:
             _warn(f"no folder for class {c!r} in {where}; it will have 0 images")
+    if len(class_dirs) < len(opts.classes):
+        found = ",".join(shlex.quote(c) for c in opts.classes if c in class_dirs)
+        _warn(
+            "a model trained on these shards still has an output for every class; to pack only the "
+            f"classes found, pass --classes {found}"
+        )
     sources, skipped = list_sources(tree, class_dirs, opts.classes)
     per_class = Counter(s.class_name for s in sources)
     for c, d in class_dirs.items():
@@ -178,7 +200,34 @@ def _read_inputs(src: Path, opts: PackOptions) -> Inputs:
         missing = missing_images(table, rels)
         if missing and (opts.ungrouped or "error") == "error":
             raise missing_error(table, missing, len(rels))
-    return Inputs(tree, sources, skipped, table)
+    masks = False
+    if opts.masks:
+        sources, masks = _attach_masks(tree, class_dirs, sources)
+    return Inputs(tree, sources, skipped, table, masks)
+
+
+def _attach_masks(tree: Tree, class_dirs: dict[str, str], sources: list[Source]) -> tuple[list[Source], bool]:
+    """`sources` with their lung masks, and whether to store masks: all images have one. Warns when only
+    some have one; raises `PackError` for a mask without its image (see the module docstring)."""
+    with_masks, orphans = find_masks(tree, class_dirs, sources)
+    lacking = [s.rel for s in with_masks if not s.mask_rel]
+    if orphans:
+        shown = ", ".join(orphans[:5]) + (f", ... ({len(orphans) - 5} more)" if len(orphans) > 5 else "")
+        raise PackError(
+            f"{len(orphans)} lung mask(s) in {tree.describe()} have no image of the same name: {shown}; "
+            "remove them, restore their images, or pass --no-masks"
+        )
+    if len(lacking) == len(sources):
+        return sources, False
+    if lacking:
+        shown = ", ".join(lacking[:5]) + (f", ... ({len(lacking) - 5} more)" if len(lacking) > 5 else "")
+        _warn(
+            f"lung masks not stored: {len(lacking)} of {len(sources)} images in {tree.describe()} have no "
+            f"mask in their class's masks/ folder ({shown}), and masks are stored only when every image "
+            "has one; add the missing masks, or pass --no-masks to leave masks out without this warning"
+        )
+        return sources, False
+    return with_masks, True
 
 
 def _check_overlap(src: Path, out: Path, src_is_zip: bool) -> None:
@@ -221,12 +270,13 @@ def _is_shard_manifest(path: Path) -> bool:
 # ----------------------------------------------------------------------------------------------- decode
 
 
-def _decode(job: tuple[str, str, str, int]) -> tuple[str, Any]:
-    """Worker: ("ok", (png, pixel_sha256, orig_size, shape)) or ("skip", reason).
+def _decode(job: tuple[str, str, str, int, str, str]) -> tuple[str, Any]:
+    """Worker: ("ok", (png, pixel_sha256, orig_size, shape, mask_png)) or ("skip", reason) or
+    ("bad mask", message).
 
-    `job` is (archive, name, rel, size): a zip member is read by name from the archive (opened once per
-    worker), a file by its path."""
-    archive, name, rel, size = job
+    `job` is (archive, name, rel, size, mask_name, mask_rel): a zip member is read by name from the archive
+    (opened once per worker), a file by its path; mask_name "" means no mask (mask_png is then b"")."""
+    archive, name, rel, size, mask_name, mask_rel = job
     try:
         gray = images.decode_gray(read_image_bytes(archive, name) if archive else name, name=rel)
     except OSError as e:  # a zip member that cannot be read
@@ -235,35 +285,26 @@ def _decode(job: tuple[str, str, str, int]) -> tuple[str, Any]:
         return "skip", e.reason
     orig_size = (int(gray.shape[1]), int(gray.shape[0]))
     gray = images.resize_gray(gray, size)
-    return "ok", (images.encode_png(gray), images.pixel_sha256(gray), orig_size, gray.shape)
-
-
-def _worker_signals() -> None:
-    # Ctrl-C goes to the whole process group; only the parent should handle it (and stop the pool).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A forked worker inherits the parent's SIGTERM handler (`cli.sigterm_raises`); Pool.terminate ends
-    # workers with SIGTERM, which must end them quietly rather than raise in the middle of a task.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def _pool(workers: int) -> Iterator[mp.pool.Pool | None]:
-    """A process pool for `workers` > 1 (None: run in this process). Forked where possible: workers
-    start in milliseconds and need only numpy and PIL, never torch."""
-    if workers <= 1:
-        yield None
-        return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_worker_signals) as pool:
-        yield pool
-
-
-def _ordered_map(pool: mp.pool.Pool | None, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> Iterator[Any]:
-    """`fn` over `jobs`, results in job order, in `pool` if there is one."""
-    if pool is None:
-        return map(fn, jobs)
-    # Chunks amortise the pipe's overhead; dozens of them keep the workers evenly busy to the end.
-    return pool.imap(fn, jobs, chunksize=max(1, min(32, len(jobs) // 64)))
+    mask_png = b""
+    if mask_name:
+        try:
+            mask = images.decode_gray(
+                read_image_bytes(archive, mask_name) if archive else mask_name, name=mask_rel
+            )
+        except OSError as e:
+            return "skip", f"its lung mask {mask_rel}: {e}"
+        except images.ImageError as e:
+            return "skip", f"its lung mask {mask_rel}: {e.reason}"
+        (mh, mw), (h, w) = mask.shape, gray.shape
+        if abs((mw / mh) / (orig_size[0] / orig_size[1]) - 1) > MASK_ASPECT_TOLERANCE:
+            return "bad mask", (
+                f"lung mask {mask_rel} is {mw}x{mh}, but its image {rel} is {orig_size[0]}x{orig_size[1]}: "
+                "another shape, so not this image's mask; replace it, or pass --no-masks"
+            )
+        # NEAREST keeps the mask's edges where they are (no grey rim to threshold); binarised at 128.
+        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
+        mask_png = images.encode_png(np.where(mask >= 128, 255, 0).astype(np.uint8))
+    return "ok", (images.encode_png(gray), images.pixel_sha256(gray), orig_size, gray.shape, mask_png)
 
 
 # ------------------------------------------------------------------------------------------------ write
@@ -285,9 +326,10 @@ def _sample_record(src: Source, packed: Packed) -> tuple[bytes, bytes]:
     return str(src.label).encode("ascii"), meta
 
 
-def _sample_tar_bytes(cls: bytes, meta: bytes, png_length: int) -> int:
+def _sample_tar_bytes(cls: bytes, meta: bytes, png_length: int, mask_length: int = 0) -> int:
     """Bytes the sample takes in a tar: a header block per member plus its data padded to blocks."""
-    return 3 * _TAR_BLOCK + _padded(len(cls)) + _padded(len(meta)) + _padded(png_length)
+    mask = _TAR_BLOCK + _padded(mask_length) if mask_length else 0
+    return 3 * _TAR_BLOCK + _padded(len(cls)) + _padded(len(meta)) + _padded(png_length) + mask
 
 
 def _tar_bytes(sample_bytes: Sequence[int]) -> int:
@@ -315,15 +357,17 @@ def shard_counts(
         k += 1
 
 
-def _write_shard_job(job: tuple[str, str, list[tuple[str, bytes, bytes, int, int]]]) -> tuple[int, str]:
-    """Worker: write one shard from (key, cls, json, PNG offset, PNG length) records and the spill file."""
+def _write_shard_job(job: tuple[str, str, list[tuple[str, bytes, bytes, int, int, int]]]) -> tuple[int, str]:
+    """Worker: write one shard from (key, cls, json, PNG offset, PNG length, mask PNG length) records and
+    the spill file (the mask's PNG, if any, right after the image's)."""
     path, spill_path, samples = job
     members = []
     with open(spill_path, "rb") as spill:
-        for key, cls, meta, offset, length in samples:
+        for key, cls, meta, offset, length, mask_length in samples:
             spill.seek(offset)
             png = spill.read(length)
-            members += [(f"{key}.cls", cls), (f"{key}.json", meta), (f"{key}.png", png)]
+            mask = [(f"{key}.{MASK_EXT}", spill.read(mask_length))] if mask_length else []
+            members += [(f"{key}.cls", cls), (f"{key}.json", meta), *mask, (f"{key}.png", png)]
     return write_shard(Path(path), members)
 
 
@@ -362,6 +406,7 @@ class PackOptions:
     duplicates: str = "group"
     groups: Path | None = None
     ungrouped: str | None = None
+    masks: bool = True  # store the input's lung masks, when it has them
 
     def check(self) -> None:
         """Raise `PackError` naming the option and the allowed values."""
@@ -409,6 +454,7 @@ def pack(
     duplicates: str = "group",
     groups: Path | str | None = None,
     ungrouped: str | None = None,
+    masks: bool = True,
     force: bool = False,
     progress: bool = True,
     command: Sequence[str] | None = None,
@@ -429,6 +475,7 @@ def pack(
         groups: a CSV of `file,group` rows; every group stays whole inside one split (`shard_tools.groups`).
         ungrouped: with `groups`, what an image the CSV does not name is: "error" (the default) or
             "own-group" (a group of its own).
+        masks: store each image's lung mask when SRC has them (`<Class>/masks/`; see the module docstring).
         force: replace a non-empty OUT, if it holds only shards and their manifest.
         progress: show progress bars.
         command: recorded in the manifest; by default the equivalent `python -m shard_tools.pack` line.
@@ -450,6 +497,7 @@ def pack(
         duplicates=duplicates,
         groups=None if groups is None else Path(groups),
         ungrouped=ungrouped,
+        masks=masks,
     )
     opts.check()
     if workers is not None and workers < 1:
@@ -479,7 +527,7 @@ def _pack_into(
     # database. One pool serves both phases; its workers open the spill file by name.
     spill = tmp / ".spill"
     workers = min(workers or os.cpu_count() or 1, len(sources))
-    with _pool(workers) as pool, _progress(progress) as bar:
+    with process_pool(workers) as pool, _progress(progress) as bar:
         kept, packed, failed = _decode_to_spill(sources, opts.size, spill, pool, bar)
         skipped = sorted(inputs.skipped + failed, key=lambda d: d["path"])
         _check_skipped(skipped, n_files, opts.max_skipped)
@@ -501,6 +549,7 @@ def _pack_into(
         "splits": splits,
         "skipped": skipped,
         "duplicates": plan.duplicates,
+        "masks": inputs.masks,
     }
     if inputs.tree.is_zip:
         manifest["source_root"] = inputs.tree.root  # the member folder holding the class folders
@@ -512,24 +561,26 @@ def _pack_into(
 
 
 def _decode_to_spill(
-    sources: list[Source], size: int, spill: Path, pool: mp.pool.Pool | None, bar: Progress
+    sources: list[Source], size: int, spill: Path, pool: WorkerPool | None, bar: Progress
 ) -> tuple[list[Source], list[Packed], list[dict[str, str]]]:
     """Decode every source, appending its PNG to `spill`; return the decoded sources, where their PNGs
     are, and the failures as skipped records."""
-    jobs = [(s.archive, s.name, s.rel, size) for s in sources]
+    jobs = [(s.archive, s.name, s.rel, size, s.mask_name, s.mask_rel) for s in sources]
     kept: list[Source] = []
     packed: list[Packed] = []
     failed: list[dict[str, str]] = []
     task = bar.add_task("decode", total=len(jobs))
     with open(spill, "wb") as f:
-        for s, (status, result) in zip(sources, _ordered_map(pool, _decode, jobs)):
+        for s, (status, result) in zip(sources, ordered_map(pool, _decode, jobs)):
             bar.advance(task)
+            if status == "bad mask":
+                raise PackError(result)
             if status == "skip":
                 failed.append({"path": s.rel, "reason": result})
                 continue
-            png, sha, orig_size, shape = result
-            packed.append(Packed(f.tell(), len(png), sha, orig_size, tuple(shape)))
-            f.write(png)
+            png, sha, orig_size, shape, mask_png = result
+            packed.append(Packed(f.tell(), len(png), sha, orig_size, tuple(shape), len(mask_png)))
+            f.write(png + mask_png)
             kept.append(s)
     return kept, packed, failed
 
@@ -612,7 +663,7 @@ def _write_splits(
     split_of: dict[int, int],
     spill: Path,
     opts: PackOptions,
-    pool: mp.pool.Pool | None,
+    pool: WorkerPool | None,
     bar: Progress,
 ) -> dict[str, Any]:
     """Write every split's shards into `tmp`; return the manifest's `splits`."""
@@ -623,10 +674,16 @@ def _write_splits(
         # Shuffled across classes so every shard mixes them; a fixed stream per split.
         idx = [idx[j] for j in np.random.default_rng([opts.seed, si, 7]).permutation(len(idx))]
         records = [
-            (kept[i].key, *_sample_record(kept[i], packed[i]), packed[i].offset, packed[i].length)
+            (
+                kept[i].key,
+                *_sample_record(kept[i], packed[i]),
+                packed[i].offset,
+                packed[i].length,
+                packed[i].mask_length,
+            )
             for i in idx
         ]
-        sizes = [_sample_tar_bytes(cls, meta, length) for _, cls, meta, _, length in records]
+        sizes = [_sample_tar_bytes(cls, meta, n, n_mask) for _, cls, meta, _, n, n_mask in records]
         _check_sample_sizes(idx, sizes, kept, opts.max_shard_bytes)
         min_shards = opts.min_shards if split_name == "train" else 1
         counts = shard_counts(sizes, opts.shard_size, opts.max_shard_bytes, min_shards)
@@ -650,7 +707,7 @@ def _write_splits(
             entries.append((splits[split_name]["shards"], name, n))
             start += n
     task = bar.add_task("write", total=len(split_of))
-    for (shards, name, n), (nbytes, sha) in zip(entries, _ordered_map(pool, _write_shard_job, jobs)):
+    for (shards, name, n), (nbytes, sha) in zip(entries, ordered_map(pool, _write_shard_job, jobs)):
         shards.append({"file": name, "count": n, "bytes": nbytes, "sha256": sha})
         bar.advance(task, n)
     return splits
@@ -669,6 +726,8 @@ def _equivalent_command(
         cmd += ["--classes", ",".join(opts.classes)]
     if opts.groups is not None:
         cmd += ["--groups", str(opts.groups), "--ungrouped", opts.ungrouped or "error"]
+    if not opts.masks:
+        cmd += ["--no-masks"]
     return cmd + (["--force"] if force else [])
 
 
@@ -843,6 +902,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --groups, images the CSV does not name: an error (default) or each its own group",
     )
     ap.add_argument(
+        "--no-masks",
+        action="store_true",
+        help="leave out the lung masks in <Class>/masks/ (stored beside each image by default)",
+    )
+    ap.add_argument(
         "--force", action="store_true", help="replace OUT if it is a folder of shards (nothing else)"
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -867,6 +931,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         duplicates=args.duplicates,
         groups=args.groups,
         ungrouped=args.ungrouped,
+        masks=not args.no_masks,
         force=args.force,
         progress=not args.no_progress,
         command=["python", "-m", "shard_tools.pack", *argv],

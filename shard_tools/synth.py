@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import multiprocessing as mp
 import os
 import re
 import sys
@@ -57,6 +56,7 @@ from PIL import Image, ImageDraw, ImageFont
 from shard_tools.cli import non_negative_int, positive_int, run_main
 from shard_tools.errors import InputError
 from shard_tools.outdir import staged_out
+from shard_tools.pool import ordered_map, process_pool
 from shard_tools.schema import CLASSES
 
 _STREAM_ANATOMY, _STREAM_MARKERS = 0, 1
@@ -289,11 +289,6 @@ def _render(job: tuple[str, int, int, int, bool, str]) -> tuple[str, int, bytes,
     return class_name, i, _png(img), _png(mask) if masks else None
 
 
-def _pool_context() -> mp.context.BaseContext:
-    # fork starts workers in milliseconds and they only need numpy and PIL; spawn where fork is missing.
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-
-
 def generate(
     out: Path | str,
     per_class: int = 250,
@@ -330,13 +325,9 @@ def generate(
                 (tmp / c / "masks").mkdir()
         jobs = [(c, i, size, seed, masks, shortcut) for c in CLASSES for i in range(1, per_class + 1)]
         workers = min(workers or os.cpu_count() or 1, len(jobs))
-        if workers > 1 and len(jobs) >= 32:
-            with _pool_context().Pool(workers) as pool:
-                for c, i, png, mask in pool.imap_unordered(_render, jobs, chunksize=16):
-                    _write(tmp, c, i, png, mask)
-        else:
-            for job in jobs:
-                _write(tmp, *_render(job))
+        with process_pool(workers if len(jobs) >= 32 else 1) as pool:
+            for rendered in ordered_map(pool, _render, jobs, chunksize=16):
+                _write(tmp, *rendered)
     return out
 
 

@@ -4,6 +4,8 @@
 
 Recomputes each shard's size and sha256, reads every sample, decodes every image and checks it against
 the manifest: members `<key>.cls/.json/.png` all present, label id in range and matching the JSON's class,
+a `<key>.mask.png` lung mask exactly when the manifest says `"masks": true` (8-bit gray PNG of the image's
+size, only 0 and 255),
 image 8-bit gray of `image_size` pixels whose pixels hash to the JSON's `pixel_sha256`, keys unique, counts
 per shard, split and class as listed. A missing shard, an unlisted file in OUT, a truncated tar and a wrong
 hash are all problems. Prints a summary table and exits 0, or lists every problem and exits 1. OUT that
@@ -19,7 +21,6 @@ import argparse
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import re
 import sys
@@ -39,7 +40,16 @@ from rich.table import Table
 from shard_tools.cli import positive_int, run_main
 from shard_tools.errors import InputError
 from shard_tools.images import pixel_sha256
-from shard_tools.schema import MANIFEST_NAME, SAMPLE_EXTS, SPLITS, ManifestError, parse_manifest
+from shard_tools.pool import ordered_map, process_pool
+from shard_tools.schema import (
+    MANIFEST_NAME,
+    MASK_EXT,
+    SAMPLE_EXTS,
+    SPLITS,
+    ManifestError,
+    has_masks,
+    parse_manifest,
+)
 
 _MEMBER = re.compile(r"^([^./]+)\.([^/]+)$")  # <key>.<ext>, key without dots (WebDataset's rule)
 
@@ -110,13 +120,15 @@ class ShardReport:
 
 
 def _check_sample(
-    name: str, key: str, members: dict[str, bytes], classes: Sequence[str], size: int
+    name: str, key: str, members: dict[str, bytes], classes: Sequence[str], size: int, masks: bool = False
 ) -> tuple[int | None, list[str]]:
-    """Check one sample's members; return its label id (None if unreadable) and its problems."""
+    """Check one sample's members; return its label id (None if unreadable) and its problems. `masks`:
+    the manifest says every sample has a lung mask."""
     where = f"{name}: sample {key}"
-    if set(members) != set(SAMPLE_EXTS):
-        return None, [f"{where}: members {sorted(members)}, expected {list(SAMPLE_EXTS)}"]
-    problems = []
+    if set(members) - {MASK_EXT} != set(SAMPLE_EXTS):
+        expected = [*SAMPLE_EXTS, MASK_EXT] if masks else list(SAMPLE_EXTS)
+        return None, [f"{where}: members {sorted(members)}, expected {expected}"]
+    problems = _check_mask(where, members.get(MASK_EXT), masks, size)
     try:
         label = int(members["cls"].decode("ascii"))
     except (UnicodeDecodeError, ValueError):
@@ -147,7 +159,28 @@ def _check_sample(
     return label, problems
 
 
-def read_shard(path: Path, classes: Sequence[str], image_size: int) -> ShardReport:
+def _check_mask(where: str, data: bytes | None, masks: bool, size: int) -> list[str]:
+    """Problems with a sample's lung mask (`schema.MASK_EXT`), present exactly when `masks`."""
+    if data is None:
+        return [f"{where}: no lung mask (.{MASK_EXT}), but the manifest says masks: true"] if masks else []
+    if not masks:
+        return [f"{where}: has a lung mask (.{MASK_EXT}), but the manifest does not say masks: true"]
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.format != "PNG" or im.mode != "L":
+                return [f"{where}: lung mask is {im.format} {im.mode}, expected 8-bit gray PNG (L)"]
+            if im.size != (size, size):
+                return [f"{where}: lung mask is {im.size[0]}x{im.size[1]}, the image is {size}x{size}"]
+            values = np.unique(np.asarray(im))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        return [f"{where}: lung mask does not decode: {e}"]
+    if not set(values.tolist()) <= {0, 255}:
+        return [f"{where}: lung mask has values other than 0 and 255 ({values[:5].tolist()}...)"]
+    return []
+
+
+def read_shard(path: Path, classes: Sequence[str], image_size: int, masks: bool = False) -> ShardReport:
     """Read and check every sample of one shard (see the module docstring)."""
     report = ShardReport(path.name)
     samples: list[tuple[str, dict[str, bytes]]] = []
@@ -168,7 +201,7 @@ def read_shard(path: Path, classes: Sequence[str], image_size: int) -> ShardRepo
     except (tarfile.TarError, EOFError, OSError) as e:
         report.problems.append(f"{path.name}: truncated or corrupt tar: {e}")
     for key, members in samples:
-        label, problems = _check_sample(path.name, key, members, classes, image_size)
+        label, problems = _check_sample(path.name, key, members, classes, image_size, masks)
         report.problems += problems
         report.keys.append(key)
         if label is not None:
@@ -177,14 +210,14 @@ def read_shard(path: Path, classes: Sequence[str], image_size: int) -> ShardRepo
 
 
 def _verify_job(
-    job: tuple[str, Mapping[str, Any], Sequence[str], int],
+    job: tuple[str, Mapping[str, Any], Sequence[str], int, bool],
 ) -> tuple[list[str], ShardReport | None]:
-    path, entry, classes, image_size = job
+    path, entry, classes, image_size, masks = job
     path = Path(path)
     problems = check_shard_file(path, entry)
     if not path.is_file():
         return problems, None
-    return problems, read_shard(path, classes, image_size)
+    return problems, read_shard(path, classes, image_size, masks)
 
 
 def verify(out: Path | str, *, workers: int | None = None) -> list[str]:
@@ -199,21 +232,17 @@ def verify(out: Path | str, *, workers: int | None = None) -> list[str]:
     jobs, split_of = [], []
     for split in SPLITS:
         for entry in manifest["splits"][split]["shards"]:
-            jobs.append((str(out / entry["file"]), entry, classes, image_size))
+            jobs.append((str(out / entry["file"]), entry, classes, image_size, has_masks(manifest)))
             split_of.append(split)
     problems = _check_listing(out, manifest)
 
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs)))
-    if workers > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers) as pool:
-            results = pool.map(_verify_job, jobs, chunksize=1)
-    else:
-        results = [_verify_job(j) for j in jobs]
+    with process_pool(workers) as pool:
+        results = list(ordered_map(pool, _verify_job, jobs, chunksize=1))
 
     seen: dict[str, str] = {}
     split_counts: dict[str, Counter[int]] = {s: Counter() for s in SPLITS}
-    for (_path, entry, _, _), split, (file_problems, report) in zip(jobs, split_of, results):
+    for (_path, entry, *_), split, (file_problems, report) in zip(jobs, split_of, results):
         problems += file_problems
         if report is None:
             continue
