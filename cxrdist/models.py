@@ -290,8 +290,8 @@ def _download(name: str, kwargs: dict[str, Any]) -> nn.Module:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e:
         raise ModelError(
-            f"downloading ImageNet weights for {name!r} failed ({type(e).__name__}: {e}). Set"
-            f" model.pretrained_file to a local .pth/.safetensors state dict instead."
+            f"downloading ImageNet weights for {name!r} failed ({type(e).__name__}: {e}). Pass a"
+            f" local .safetensors/.pth state dict instead: --set model.pretrained_file=PATH"
         ) from e
 
 
@@ -381,8 +381,9 @@ def _reachable(url: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
 def _require_hub(name: str, url: str) -> None:
     """Fail within about a second, with what to do, when `name`'s weights cannot be downloaded."""
     todo = (
-        "Set model.pretrained_file to a local .pth/.safetensors state dict (timm layout), or run once"
-        " with network access to fill the Hugging Face cache."
+        "Save them once where there is network (README, 'Pretrained weights offline') and pass the file:"
+        f" --set model.pretrained_file=weights/{name}.safetensors (a timm-layout .safetensors/.pth state"
+        " dict), or run once with network access to fill the Hugging Face cache."
     )
     if _hub_offline():
         raise ModelError(
