@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from shard_tools.cli import non_negative_int, positive_int, print_problem, run_main
 from shard_tools.errors import InputError
 from shard_tools.images import IMAGE_SUFFIXES
+
+SILENT_RANK_EXIT_DELAY_S = 5.0  # see run_on_every_rank
 
 
 def run_on_every_rank(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -46,6 +49,9 @@ def run_on_every_rank(main: Callable[[Sequence[str] | None], int], argv: Sequenc
 
     def say(message: object, label: str = "error", style: str = "red") -> None:
         if isinstance(message, (ConfigError, Preempted)) and not is_main_launch_process():
+            # torchrun stops every rank as soon as one exits: a silent rank leaving first would get rank 0
+            # killed before it says the line. Let rank 0 exit first (it is stopped with us if it is slower).
+            time.sleep(SILENT_RANK_EXIT_DELAY_S)
             return
         if isinstance(message, (Preempted, Aborted)):
             style = "yellow"
