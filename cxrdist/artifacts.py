@@ -2,9 +2,10 @@
 loading it, and the provenance every output records (cxrdist version, git commit, torch version).
 
 Contract of meta.json (`ModelMeta`): model name and input channels, class names in label order, image size,
-normalisation, and, once training has calibrated it, `calibration.temperature`. A model is only ever used
-with it. The folder is written through `shard_tools.files` (a temporary folder, then a rename), so a crash
-or a full disk never leaves a half-written model that looks complete.
+normalisation, the preprocessing it was trained with (`preprocess.lung_focus`, absent = "off"), and, once
+training has calibrated it, `calibration.temperature`. A model is only ever used with it. The folder is
+written through `shard_tools.files` (a temporary folder, then a rename), so a crash or a full disk never
+leaves a half-written model that looks complete.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cxrdist
+from cxrdist.lungs import FOCUS_MODES
 from shard_tools.errors import CxrdistError, InputError
 from shard_tools.files import atomic_write_json, replace_dir, staging_dir
 
@@ -75,6 +77,7 @@ class ModelMeta:
     std: tuple[float, ...]
     temperature: float | None  # calibration.temperature, fitted on the validation split; None: none fitted
     data: dict[str, Any]  # the whole meta.json
+    lung_focus: str = "off"  # preprocess.lung_focus (cxrdist.lungs.focus); absent in older models: "off"
 
     @staticmethod
     def from_dict(data: dict[str, Any], source: str) -> ModelMeta:
@@ -88,6 +91,7 @@ class ModelMeta:
                 std=tuple(float(v) for v in data["normalization"]["std"]),
                 temperature=(data.get("calibration") or {}).get("temperature"),
                 data=data,
+                lung_focus=(data.get("preprocess") or {}).get("lung_focus", "off"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ModelDirError(f"{source}: not a cxrdist meta.json (missing or bad field {e})") from None
@@ -97,11 +101,21 @@ class ModelMeta:
                 f"{source}: calibration.temperature must be a positive number, got {t!r}; fix it, or remove "
                 "the calibration entry"
             )
+        if meta.lung_focus not in FOCUS_MODES:
+            raise ModelDirError(
+                f"{source}: preprocess.lung_focus must be one of {', '.join(FOCUS_MODES)}, got "
+                f"{meta.lung_focus!r}"
+            )
         return meta
 
 
 def model_meta(
-    model_name: str, in_chans: int, classes: tuple[str, ...], image_size: int, training: dict[str, Any]
+    model_name: str,
+    in_chans: int,
+    classes: tuple[str, ...],
+    image_size: int,
+    training: dict[str, Any],
+    lung_focus: str = "off",
 ) -> dict[str, Any]:
     """meta.json of a newly trained model: the writer's side of `ModelMeta.from_dict`. The fields it reads
     (model, classes in label order, image size, the normalisation `in_chans` implies), then `training`
@@ -114,6 +128,7 @@ def model_meta(
         "classes": list(classes),
         "image_size": image_size,
         "normalization": {"mean": list(mean), "std": list(std), "input": "uint8 gray / 255"},
+        "preprocess": {"lung_focus": lung_focus},  # cxrdist.lungs.focus, before the normalisation
         **training,
         "provenance": provenance(),
     }

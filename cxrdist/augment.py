@@ -10,7 +10,8 @@ Training draws every random parameter per sample from a `torch.Generator` that l
 device, so a run is reproducible from its seed and nothing waits on the host. Rotation, horizontal flip
 and the random-resized crop are one affine map per sample, applied in a single `grid_sample` pass over
 an `affine_grid`-equivalent grid (bilinear, zeros outside: black, like torchvision's `RandomRotation`);
-brightness and contrast are one fused multiply-add. Evaluation is normalisation only.
+brightness and contrast are one fused multiply-add; border erasing (`border_erase`) then overwrites the
+frame of some samples. Evaluation is normalisation only.
 
 With `AugmentConfig.enabled = false`, `train_transform` is bit-for-bit `eval_transform`.
 """
@@ -25,12 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cxrdist.config import AugmentConfig
+from cxrdist.lungs import FILL, edge_distance
 from shard_tools.schema import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "AugmentParams",
     "augment",
     "draw_params",
+    "erase_border",
     "eval_transform",
     "normalize_stats",
     "train_transform",
@@ -173,12 +176,33 @@ def _warp(x: Tensor, theta: Tensor) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def erase_border(x: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
+    """Border erasing: float32 (B, 1, H, W) in [0, 1] -> the same, some samples' frames overwritten.
+
+    Per sample, with probability `cfg.border_erase`, every pixel within a width drawn uniformly in
+    `cfg.border_erase_width` (a fraction of the side) of any edge becomes flat gray (`FILL`, which
+    normalises to ~0: no signal) or, with `border_erase_fill = "noise"`, uniform noise. The draws come
+    after `draw_params`' and only when border erasing is on, so every other parameter is unchanged by it.
+    """
+    b, _, h, w = x.shape
+    u = torch.rand((b, 2), generator=generator, device=generator.device)
+    lo, hi = cfg.border_erase_width
+    width = (lo + (hi - lo) * u[:, 1]).view(b, 1, 1, 1)
+    frame = (edge_distance(h, w, x.device) <= width) & (u[:, 0] < cfg.border_erase).view(b, 1, 1, 1)
+    if cfg.border_erase_fill == "noise":
+        fill = torch.rand(x.shape, generator=generator, device=generator.device)
+    else:
+        fill = torch.full_like(x, FILL / 255)
+    return torch.where(frame, fill, x)
+
+
 def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
     """Random training augmentation: uint8 (B, 1, H, W) -> float32 (B, 1, H, W) in [0, 1].
 
     Per sample: rotation, horizontal flip and crop in one `grid_sample` pass, then brightness and
     contrast (torchvision's definitions, contrast around the sample's mean), then one clamp to [0, 1]
-    (torchvision clamps after each; the difference only touches pixels pushed past white and back).
+    (torchvision clamps after each; the difference only touches pixels pushed past white and back), then
+    border erasing (`erase_border`) when `cfg.border_erase` > 0.
     `generator` must be on `images.device`. With `cfg.enabled` false this is exactly `images.float() / 255`.
     Runs in float32 even inside a bf16/fp16 autocast region.
     """
@@ -192,10 +216,11 @@ def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> T
         )
     geometric = cfg.rotation_degrees > 0 or cfg.hflip_prob > 0 or tuple(cfg.crop_scale) != (1.0, 1.0)
     photometric = cfg.brightness > 0 or cfg.contrast > 0
+    erasing = cfg.border_erase > 0
     with torch.autocast(images.device.type, enabled=False):
         p = draw_params(images.shape[0], cfg, generator)
         x = _to_unit(images)
-        if not (geometric or photometric):
+        if not (geometric or photometric or erasing):
             return x
         if geometric:
             x = _warp(x, _affine_theta(p, x.shape[2], x.shape[3]))
@@ -204,7 +229,8 @@ def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> T
             b, c = p.brightness.view(-1, 1, 1, 1), p.contrast.view(-1, 1, 1, 1)
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = torch.addcmul((1 - c) * b * mean, x, c * b)
-        return x.clamp_(0.0, 1.0)  # bilinear weights can overshoot 1 by an ulp; jitter by more
+        x = x.clamp_(0.0, 1.0)  # bilinear weights can overshoot 1 by an ulp; jitter by more
+        return erase_border(x, cfg, generator) if erasing else x
 
 
 def train_transform(

@@ -55,6 +55,10 @@ class DataConfig:
     cache_max_gb: float = _at_least(4.0, 0.0)  # device cache is used only when the split fits this
     max_bad_samples: int = _at_least(0, 0)  # undecodable training samples tolerated (logged, skipped)
     verify_checksums: bool = False  # sha256 every local shard against the manifest before training
+    # Lung-focus preprocessing against shortcuts in the frame (cxrdist.lungs.focus): "mask" greys out
+    # everything outside the lung template, "crop" crops to it and resizes back. Recorded in best/meta.json
+    # and applied by evaluate, predict, explain and the ONNX export, since the template needs no mask.
+    lung_focus: str = _choice("off", "off", "mask", "crop")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,12 @@ class AugmentConfig:
     crop_scale: tuple[float, ...] = (1.0, 1.0)  # random-resized-crop area range [lo, hi]; [1, 1] = off
     brightness: float = _at_least(0.0, 0.0)  # multiplicative, uniform in [1-b, 1+b]
     contrast: float = _at_least(0.0, 0.0)  # around the image mean, uniform in [1-c, 1+c]
+    # Border erasing against frame shortcuts: with this probability per sample, the frame (pixels within a
+    # width drawn uniformly in border_erase_width, a fraction of the side, of any edge) is overwritten with
+    # flat gray (the value normalisation maps to ~0) or uniform noise. 0 = off. Training only.
+    border_erase: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    border_erase_width: tuple[float, ...] = (0.08, 0.16)  # [lo, hi], each edge; the audit hides 0.12
+    border_erase_fill: str = _choice("flat", "flat", "noise")
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,12 @@ def _check_augment(cfg: AugmentConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: [augment] crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1 (area fractions; "
             f"[1.0, 1.0] = no crop), got {list(lo_hi)}"
+        )
+    width = cfg.border_erase_width
+    if len(width) != 2 or not 0.0 < width[0] <= width[1] < 0.5:
+        raise ConfigError(
+            f"{source}: [augment] border_erase_width: must be [lo, hi] with 0 < lo <= hi < 0.5 (fractions "
+            f"of the side, on each edge), got {list(width)}"
         )
 
 

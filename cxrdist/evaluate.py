@@ -35,6 +35,7 @@ from cxrdist.artifacts import ModelMeta, find_model_dir, load_trained_model
 from cxrdist.augment import eval_transform
 from cxrdist.cli import add_batching, add_model, check_writable_file
 from cxrdist.data import DeviceCache, Manifest, eval_batches, read_manifest, sample_paths, to_device
+from cxrdist.lungs import focus
 from cxrdist.metrics import gather_objects, gather_rows, summarize
 from shard_tools.cli import non_negative_int, run_main
 from shard_tools.errors import CxrdistError, InputError
@@ -57,6 +58,7 @@ class ScoringSettings:
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = fp32
     tta_hflip: bool = False  # also score the mirrored image (test-time augmentation)
+    lung_focus: str = "off"  # the model's preprocessing (meta.json preprocess.lung_focus; cxrdist.lungs)
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ def evaluate_split(
         )
     for images, labels, batch_keys in batches:
         images, labels = to_device((images, labels), device)
+        images = focus(images, settings.lung_focus)
         x = eval_transform(images, settings.in_chans, settings.channels_last)
         with _autocast(device, settings.autocast_dtype):
             logit_parts.append(model(x).float())
@@ -371,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         in_chans=meta.in_chans,
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision),
         tta_hflip=args.tta,
+        lung_focus=meta.lung_focus,
     )
     scores = evaluate_split(
         model, manifest, args.split, settings, rank=state.process_index, world_size=state.num_processes

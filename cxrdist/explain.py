@@ -29,6 +29,7 @@ from cxrdist.augment import eval_transform
 from cxrdist.cli import add_device, add_inputs, add_model, check_writable_file, find_images, resolve_device
 from cxrdist.data import eval_batches, read_manifest
 from cxrdist.evaluate import check_compatible
+from cxrdist.lungs import focus
 from cxrdist.models import gradcam_target_layer
 from shard_tools.cli import positive_int, print_problem, run_main
 from shard_tools.errors import EXIT_FAILED, EXIT_OK, InputError
@@ -131,7 +132,8 @@ def explain_files(model, meta, files: list[Path], out: Path, device, batch_size:
                 records.append({"path": str(path), "error": e.reason})
         if not chunk:
             continue
-        images = torch.from_numpy(np.stack(grays)).unsqueeze(1).to(device)
+        images = focus(torch.from_numpy(np.stack(grays)).unsqueeze(1).to(device), meta.lung_focus)
+        grays = list(images[:, 0].cpu().numpy())  # the overlay shows what the model saw
         cams, probs = grad_cam(model, eval_transform(images, meta.in_chans))
         for path, gray, cam, p in zip(chunk, grays, cams.numpy(), probs.numpy(), strict=True):
             pred = meta.classes[int(p.argmax())]
@@ -165,8 +167,10 @@ def explain_shards(model, meta, shards: str, out: Path, per_class: int, split: s
         if not picked[c]:
             summary[manifest.classes[c]] = {"images": 0, "mean_outside_share": None, "accuracy": None}
             continue
-        grays = np.stack([g for g, _ in picked[c]])
-        x = eval_transform(torch.from_numpy(grays).unsqueeze(1).to(device), meta.in_chans)
+        stored = torch.from_numpy(np.stack([g for g, _ in picked[c]])).unsqueeze(1).to(device)
+        images = focus(stored, meta.lung_focus)
+        grays = images[:, 0].cpu().numpy()  # the overlay shows what the model saw
+        x = eval_transform(images, meta.in_chans)
         cams, probs = grad_cam(model, x)
         shares, correct = [], 0
         for j, (gray, cam, p) in enumerate(zip(grays, cams.numpy(), probs.numpy(), strict=True)):

@@ -8,10 +8,11 @@ meta.json. The graph holds everything between `shard_tools.images.load_gray` and
 deployment feeds it raw pixels and needs neither torch nor cxrdist's preprocessing (see
 `cxrdist.onnx_model` for the graph's contract and its metadata):
 
-    uint8 (N, 1, S, S) 0..255  ->  x / 255  ->  (x - mean[c]) / std[c], gray repeated to in_chans
-    ->  model  ->  logits / T  ->  softmax  ->  float32 (N, K)
+    uint8 (N, 1, S, S) 0..255  ->  lung focus  ->  x / 255  ->  (x - mean[c]) / std[c], gray repeated to
+    in_chans  ->  model  ->  logits / T  ->  softmax  ->  float32 (N, K)
 
-which is `cxrdist.augment.eval_transform`, the model and a softmax, as `cxrdist.predict` computes them.
+which is `cxrdist.lungs.focus` (the model's meta.json preprocess.lung_focus; nothing when "off"),
+`cxrdist.augment.eval_transform`, the model and a softmax, as `cxrdist.predict` computes them.
 T is meta.json's `calibration.temperature` when the run was calibrated (`--no-temperature`: leave it out).
 `--input-dtype float32` makes the input float32 holding the same 0..255 values, for runtimes that
 cannot feed uint8 tensors.
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 import cxrdist
 from cxrdist.artifacts import ModelMeta, find_model_dir, load_trained_model
 from cxrdist.augment import normalize_stats
+from cxrdist.lungs import focus_values
 from cxrdist.onnx_model import FORMAT, INPUT_DTYPES, INPUT_NAME, ONNX_SUFFIX, OUTPUT_NAME, load_onnx
 from shard_tools.cli import run_main
 from shard_tools.errors import CxrdistError, InputError
@@ -56,12 +58,17 @@ __all__ = ["ExportResult", "InferenceGraph", "export_onnx", "main", "onnx_metada
 class InferenceGraph(nn.Module):
     """Stored pixels to probabilities: 0..255 (N, 1, S, S), uint8 or float -> float32 (N, K).
 
-    The normalisation is `eval_transform`'s: x / 255, then one multiply-add with (1/std, -mean/std), whose
-    (1, C, 1, 1) shape broadcasts the gray channel to the model's C channels.
+    First the model's lung focus (`cxrdist.lungs.focus_values`, the code `focus` runs, on float 0..255
+    values so that a float32 input gets it too). The normalisation is `eval_transform`'s: x / 255, then one
+    multiply-add with (1/std, -mean/std), whose (1, C, 1, 1) shape broadcasts the gray channel to the
+    model's C channels.
     """
 
-    def __init__(self, model: nn.Module, in_chans: int, temperature: float | None) -> None:
+    def __init__(
+        self, model: nn.Module, in_chans: int, temperature: float | None, lung_focus: str = "off"
+    ) -> None:
         super().__init__()
+        self.lung_focus = lung_focus
         mean, std = normalize_stats(in_chans)
         self.model = model
         self.register_buffer("scale", torch.tensor([1.0 / s for s in std]).view(1, in_chans, 1, 1))
@@ -71,7 +78,7 @@ class InferenceGraph(nn.Module):
         self.temperature = temperature
 
     def forward(self, image: Tensor) -> Tensor:
-        x = image.to(torch.float32) / 255  # (N, 1, S, S) in [0, 1]
+        x = focus_values(image.to(torch.float32), self.lung_focus) / 255  # (N, 1, S, S) in [0, 1]
         x = torch.addcmul(self.shift, x, self.scale)  # (N, C, S, S), normalised
         logits = self.model(x)  # (N, K)
         if self.temperature is not None:
@@ -95,6 +102,7 @@ def onnx_metadata(meta: ModelMeta, temperature: float | None, input_dtype: str) 
             "input": f"{input_dtype} gray 0..255 / 255, repeated to in_chans channels",
         },
         "temperature": temperature,
+        "preprocess": {"lung_focus": meta.lung_focus, "input": "applied inside the graph"},
         "cxrdist_version": cxrdist.__version__,
         "trained_with": {
             "epoch": meta.data.get("epoch"),
@@ -186,7 +194,7 @@ def export_onnx(
     _check_out(out, force)
     model_dir, model, meta = _load(run_or_model)
     temperature = meta.temperature if use_temperature else None
-    graph = InferenceGraph(model, meta.in_chans, temperature).eval()
+    graph = InferenceGraph(model, meta.in_chans, temperature, meta.lung_focus).eval()
     try:
         data = onnx_bytes(graph, meta, onnx_metadata(meta, temperature, input_dtype), input_dtype)
     except ImportError as e:

@@ -6,11 +6,13 @@ Contract of a model written by `python -m cxrdist.export` (the one place its nam
                              returns it (S = the model's image size, N any); an export made with
                              `--input-dtype float32` takes float32 holding the same 0..255 values
     output "probabilities":  float32 (N, K), softmax over the classes in metadata order (rows sum to 1)
-    inside the graph:        x / 255, (x - mean[c]) / std[c] with gray repeated to the model's channels,
+    inside the graph:        the model's lung focus (`cxrdist.lungs.focus`, when it was trained with one),
+                             x / 255, (x - mean[c]) / std[c] with gray repeated to the model's channels,
                              the network, logits / temperature (when calibrated), softmax
 
     metadata_props (values are JSON text): cxrdist_format, classes, image_size, model_name, in_chans,
-    input_dtype, normalization, temperature (null when none was applied), cxrdist_version, trained_with
+    input_dtype, normalization, temperature (null when none was applied), preprocess (informational: the
+    graph applies it), cxrdist_version, trained_with
 
 This module imports numpy, json and onnxruntime only (onnxruntime when a model is loaded), so
 `cxrdist.predict model.onnx ...` runs where torch is not installed.

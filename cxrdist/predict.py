@@ -5,8 +5,10 @@
     python -m cxrdist.predict model.onnx IMAGE_OR_DIR...      # onnxruntime only: torch is never imported
 
 Each image is preprocessed exactly as `shard_tools.pack` did for training (`shard_tools.images.load_gray`:
-decode, DICOM windowing, 8-bit gray, antialiased resize), then normalised as in evaluation. Folders are
-searched recursively for the suffixes in `shard_tools.images.IMAGE_SUFFIXES`.
+decode, DICOM windowing, 8-bit gray, antialiased resize), then given the lung-focus preprocessing the model
+was trained with (meta.json's preprocess.lung_focus, `cxrdist.lungs.focus`; an ONNX export has it in its
+graph) and normalised as in evaluation. Folders are searched recursively for the suffixes in
+`shard_tools.images.IMAGE_SUFFIXES`.
 
 Probabilities are what the model reports after calibration: softmax(logits / T) with the temperature
 fitted on the validation split at the end of training (`best/meta.json`; an ONNX export carries it inside
@@ -52,6 +54,7 @@ def torch_classifier(model_path: str, device_name: str | None, use_temperature: 
     from cxrdist.artifacts import load_trained_model
     from cxrdist.augment import eval_transform
     from cxrdist.cli import resolve_device
+    from cxrdist.lungs import focus
 
     device = resolve_device(device_name)
     model, meta = load_trained_model(model_path, device)
@@ -59,7 +62,8 @@ def torch_classifier(model_path: str, device_name: str | None, use_temperature: 
 
     @torch.no_grad()
     def probs(images: np.ndarray) -> np.ndarray:
-        logits = model(eval_transform(torch.from_numpy(images).to(device), meta.in_chans)).float()
+        x = focus(torch.from_numpy(images).to(device), meta.lung_focus)  # the model's preprocessing
+        logits = model(eval_transform(x, meta.in_chans)).float()
         return (logits / (temperature or 1.0)).softmax(1).cpu().numpy()
 
     return Classifier(meta.classes, meta.image_size, temperature, probs)

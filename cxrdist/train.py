@@ -64,6 +64,7 @@ from cxrdist.evaluate import (  # noqa: E402
     split_metrics,
     write_plots,
 )
+from cxrdist.lungs import focus  # noqa: E402
 from cxrdist.models import check_input_size, create_model, input_channels  # noqa: E402
 from cxrdist.optim import (  # noqa: E402
     build_optimizer,
@@ -359,6 +360,7 @@ def train_step(
     seed_step(derive_seed("step", cfg.run.seed, epoch, rank, i), device)
     run.generator.manual_seed(derive_seed("augment", cfg.run.seed, epoch, rank, i))
     images, labels = to_device(batch, device)
+    images = focus(images, cfg.data.lung_focus)  # as evaluate_split and predict do; before augmentation
     with acc.accumulate(run.model):
         x = train_transform(images, cfg.augment, run.generator, run.in_chans, run.channels_last)
         loss = loss_fn(run.model(x), labels, cfg.train, run.weight)
@@ -445,6 +447,7 @@ def eval_settings(run: Run, tta: bool = False) -> ScoringSettings:
         channels_last=run.channels_last,
         autocast_dtype=dtype,
         tta_hflip=tta,
+        lung_focus=cfg.data.lung_focus,
     )
 
 
@@ -457,7 +460,14 @@ def best_meta(run: Run, epoch: int, val_metrics: dict) -> dict:
         "val_metrics": val_metrics,
     }
     manifest = run.manifest
-    return model_meta(run.cfg.model.name, run.in_chans, manifest.classes, manifest.image_size, training)
+    return model_meta(
+        run.cfg.model.name,
+        run.in_chans,
+        manifest.classes,
+        manifest.image_size,
+        training,
+        lung_focus=run.cfg.data.lung_focus,
+    )
 
 
 def eval_model(run: Run) -> torch.nn.Module:

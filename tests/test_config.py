@@ -141,6 +141,10 @@ _key_names = st.sampled_from(
         "lr_base_batch",
         "bootstrap_resamples",
         "in_chans",
+        "lung_focus",
+        "border_erase",
+        "border_erase_width",
+        "border_erase_fill",
     ]
 ) | st.text(max_size=6)
 
