@@ -10,7 +10,15 @@ Each tar member group is one sample, named by WebDataset's convention ``<key>.<e
 - ``<key>.png``  the image: 8-bit grayscale ("L") PNG, ``image_size x image_size`` pixels, lossless.
 - ``<key>.cls``  the label id as ASCII decimal text, an index into ``manifest["classes"]``.
 - ``<key>.json`` provenance: ``{"path": str (relative to SRC), "class": str, "orig_size": [w, h],
-  "pixel_sha256": str (sha256 of the decoded, resized uint8 pixels, row-major)}``.
+  "pixel_sha256": str (sha256 of the decoded, resized uint8 pixels, row-major)}``, plus ``"group": str``
+  when pack grouped the split (``--groups`` CSV or metadata sheets) and ``"source": str`` (the source URL
+  a metadata sheet names for the image) when sheets were given.
+- ``<key>.mask.png`` (optional, `MASK_EXT`) the lung mask: 8-bit gray PNG, the same size as ``<key>.png``,
+  255 = lung field, 0 = not lung (the source mask resized with NEAREST and binarised at 128). Present for
+  every sample when the manifest's ``masks`` is true, for none when it is false or absent.
+
+Readers take the members they use and ignore the others, so a sample may gain members without breaking
+an older reader.
 
 Keys are unique within a dataset, stable across runs, derived from class and file name, and contain no
 dot (WebDataset splits a member name at its first dot): see `sample_key`.
@@ -28,6 +36,8 @@ dot (WebDataset splits a member name at its first dot): see `sample_key`.
     splits: {train|val|test: {count, class_counts: {name: n}, shards: [{file, count, bytes, sha256}]}}
     skipped: [{path, reason}]
     duplicates: [{pixel_sha256, paths: [...], split}]
+    masks: bool                     every sample has a ``.mask.png`` (true) or none does (false); absent
+                                    in shards packed before masks existed: read as false (`has_masks`)
 
 ``file`` is relative to the manifest's own location, so a copy of OUT served over HTTP or put in a
 bucket is still valid: readers resolve shard URLs against the URL the manifest was read from. It is a plain
@@ -122,7 +132,8 @@ def validate_manifest(data: Any, where: str) -> dict[str, Any]:
     Checked: format_version; classes (non-empty, unique, non-empty names); image_size; all three splits
     and no other, each with count, class_counts (known classes, summing to count) and shards, each shard
     with a `file` matching `SHARD_FILE` for its own split (unique), count, bytes and a sha256, the shard
-    counts summing to the split's count; the optional `groups` fields, if present. Fields no reader relies
+    counts summing to the split's count; `masks`, if present, a boolean; the optional `groups` fields, if
+    present. Fields no reader relies
     on (source, command, ...) are not checked.
     """
 
@@ -204,6 +215,8 @@ def validate_manifest(data: Any, where: str) -> dict[str, Any]:
             total += n
         if total != count:
             raise bad(f"splits.{split}", f"lists shards holding {total} samples, but its count is {count}")
+    if "masks" in data and not isinstance(data["masks"], bool):
+        raise bad("masks", f"must be true or false, got {data['masks']!r:.40}")
     _validate_groups(data, splits, bad)
     return data
 
@@ -253,6 +266,15 @@ def _validate_groups(
 
 # The members of one sample, in the order pack writes them.
 SAMPLE_EXTS = ("cls", "json", "png")
+IMAGE_EXT, LABEL_EXT, META_EXT = "png", "cls", "json"
+# The optional lung mask, `<key>.mask.png`: written between .json and .png (sorted order).
+MASK_EXT = "mask.png"
+
+
+def has_masks(manifest: dict[str, Any]) -> bool:
+    """Whether every sample of the dataset holds a `MASK_EXT` member (an old manifest without the key:
+    False)."""
+    return manifest.get("masks") is True
 
 
 def sample_key(class_name: str, rel_path: str) -> str:

@@ -4,8 +4,11 @@ SRC is either
 
 - a folder holding one folder per class (`SRC/<Class>/*.png` or `SRC/<Class>/images/*.png`), or
 - a zip archive holding such class folders at its top level or one folder down. Kaggle serves the database
-  as one zip with ``COVID-19_Radiography_Dataset/<Class>/images/*.png`` inside (``masks/`` and metadata
-  files beside them are ignored).
+  as one zip with ``COVID-19_Radiography_Dataset/<Class>/images/*.png`` inside, lung masks beside them in
+  ``<Class>/masks/`` and a metadata sheet per class (``<Class>.metadata.xlsx``, read by `shard_tools.groups`).
+
+Lung masks (`find_masks`): an image ``<Class>/images/X.png`` (or ``<Class>/X.png``) has a mask when
+``<Class>/masks/`` holds a file of the same stem (``X.png``; an exact name wins over another suffix).
 
 The folder that holds the class folders is the *root*. Every image gets ``rel``, its POSIX path relative
 to the root (``COVID/images/COVID-1.png``): the path recorded in the shards' ``.json`` and the one a
@@ -26,7 +29,7 @@ import zipfile
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shard_tools.errors import InputError
@@ -52,6 +55,8 @@ class Source:
     key: str
     archive: str
     name: str
+    mask_rel: str = ""  # its lung mask's path relative to the root; "" when it has none (`find_masks`)
+    mask_name: str = ""  # the mask's path on disk or member name in `archive`
 
 
 @dataclass
@@ -243,6 +248,40 @@ def list_sources(
         for archive, name in [tree.locate(rel)]
     ]
     return sources, skipped
+
+
+def find_masks(
+    tree: Tree, class_dirs: dict[str, str], sources: Sequence[Source]
+) -> tuple[list[Source], list[str]]:
+    """`sources` with their lung masks attached (`Source.mask_rel`, `mask_name`), and the orphans: mask
+    files (rel paths, sorted) whose stem matches no image of their class. A class without a `masks/`
+    folder gives its images no mask. Non-image files in `masks/` are not masks and are not listed."""
+    by_stem: dict[tuple[str, str], list[str]] = defaultdict(list)  # (class folder, stem) -> mask rels
+    for d in class_dirs.values():
+        folder = f"{d}/masks"
+        try:
+            if "masks" not in tree.subdirs(d):
+                continue
+            names = tree.file_names(folder)
+        except OSError as e:
+            raise InputError(f"{tree.describe(folder)} cannot be read: {e.strerror or e}") from None
+        for name in names:
+            if posixpath.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                by_stem[(d, posixpath.splitext(name)[0])].append(f"{folder}/{name}")
+    used: set[str] = set()
+    out = []
+    for s in sources:
+        d = class_dirs[s.class_name]
+        image_name = s.rel.rsplit("/", 1)[-1]
+        candidates = by_stem.get((d, posixpath.splitext(image_name)[0]), [])
+        exact = [m for m in candidates if m.rsplit("/", 1)[-1] == image_name]
+        mask_rel = (exact or sorted(candidates) or [""])[0]
+        if mask_rel:
+            used.add(mask_rel)
+            s = replace(s, mask_rel=mask_rel, mask_name=tree.locate(mask_rel)[1])
+        out.append(s)
+    orphans = sorted(m for ms in by_stem.values() for m in ms if m not in used)
+    return out, orphans
 
 
 def assign_keys(items: Sequence[tuple[str, str]]) -> list[str]:

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from shard_tools.cli import run_main
-from shard_tools.schema import CLASSES
+from shard_tools.pack import main as pack_main
+from shard_tools.pack import pack, write_shard
+from shard_tools.schema import (
+    CLASSES,
+    MANIFEST_NAME,
+    MASK_EXT,
+    SPLITS,
+    ManifestError,
+    has_masks,
+    validate_manifest,
+)
 from shard_tools.synth import generate, image_path, main, mask_path, shortcut_box
+from shard_tools.verify import verify
+
+from shardgen import _png, write_shards
+
+OPTS = {"size": 32, "min_shards": 1, "split": (1.0, 0.0, 0.0), "progress": False, "workers": 1}
 
 
 def _gray(path) -> np.ndarray:
@@ -92,3 +115,203 @@ def test_synth_cli_masks_and_bad_shortcut(tmp_path, capsys):
     assert e.value.code == 2
     with pytest.raises(Exception, match="--shortcut must be one of none, corner"):
         generate(tmp_path / "y", per_class=1, size=64, shortcut="everywhere")
+
+
+# ------------------------------------------------------------------------------------------------- pack
+
+
+def _members(out: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} over every shard of OUT."""
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    found: dict[str, dict[str, bytes]] = {}
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            with tarfile.open(out / shard["file"]) as tar:
+                for m in tar:
+                    key, ext = m.name.split(".", 1)
+                    found.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return found
+
+
+def _png_array(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG" and im.mode == "L"
+        return np.asarray(im)
+
+
+def _zip_folder(folder: Path, archive: Path, prefix: str = "COVID-19_Radiography_Dataset/") -> Path:
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, prefix + p.relative_to(folder).as_posix())
+    return archive
+
+
+def _copy(synth_masked: Path, root: Path) -> Path:
+    shutil.copytree(synth_masked, root)
+    return root
+
+
+def test_pack_stores_resized_binary_masks_from_a_folder_and_the_zip_alike(synth_masked, tmp_path):
+    src = _copy(synth_masked, tmp_path / "db")
+    # A database mask is 256 px while its image is 299: here 64 px beside 96 px images, with a grey rim.
+    lung = _gray(mask_path(src, "Normal", 1))
+    small = np.asarray(Image.fromarray(lung).resize((64, 64), Image.Resampling.BILINEAR))
+    assert set(np.unique(small)) - {0, 255}  # not binary: pack must binarise it
+    Image.fromarray(small).save(mask_path(src, "Normal", 1))
+    manifest = pack(src, tmp_path / "out", **OPTS)
+    assert manifest["masks"] is True and verify(tmp_path / "out", workers=1) == []
+    samples = _members(tmp_path / "out")
+    assert len(samples) == 16
+    for key, members in samples.items():
+        assert set(members) == {"cls", "json", "png", MASK_EXT}
+        image, mask = _png_array(members["png"]), _png_array(members[MASK_EXT])
+        assert mask.shape == image.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
+        meta = json.loads(members["json"])
+        source = _gray(src / meta["path"].replace("/images/", "/masks/"))
+        want = np.asarray(Image.fromarray(source).resize((32, 32), Image.Resampling.NEAREST)) >= 128
+        assert np.array_equal(mask == 255, want), key
+    # The zip the database comes in gives the same bytes.
+    archive = _zip_folder(src, tmp_path / "db.zip")
+    pack(archive, tmp_path / "from_zip", **OPTS)
+    for name in [p.name for p in (tmp_path / "out").glob("*.tar")]:
+        assert (tmp_path / "from_zip" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+
+
+def test_no_masks_and_inputs_without_masks_record_false(synth_masked, tmp_path):
+    src = _copy(synth_masked, tmp_path / "db")
+    with_masks = pack(src, tmp_path / "a", **OPTS)
+    without = pack(src, tmp_path / "b", masks=False, **OPTS)
+    assert with_masks["masks"] is True and without["masks"] is False
+    assert "--no-masks" in without["command"]
+    assert all(MASK_EXT not in m for m in _members(tmp_path / "b").values())
+    assert verify(tmp_path / "b", workers=1) == []
+    # The images, labels and splits are the same either way: masks only add a member.
+    a, b = _members(tmp_path / "a"), _members(tmp_path / "b")
+    assert {k: (m["png"], m["json"]) for k, m in a.items()} == {
+        k: (m["png"], m["json"]) for k, m in b.items()
+    }
+    for c in CLASSES:
+        shutil.rmtree(src / c / "masks")
+    assert pack(src, tmp_path / "c", **OPTS)["masks"] is False
+
+
+def test_some_images_without_a_mask_store_none_and_say_how_many(synth_masked, tmp_path, capsys):
+    src = _copy(synth_masked, tmp_path / "db")
+    mask_path(src, "COVID", 2).unlink()
+    mask_path(src, "Normal", 3).unlink()
+    capsys.readouterr()
+    manifest = pack(src, tmp_path / "out", **OPTS)
+    err = " ".join(capsys.readouterr().err.split())
+    assert manifest["masks"] is False and all(MASK_EXT not in m for m in _members(tmp_path / "out").values())
+    assert "lung masks not stored: 2 of 16 images" in err and "COVID/images/COVID-2.png" in err
+
+
+@pytest.mark.parametrize("problem", ["orphan", "aspect"])
+def test_a_mask_without_its_image_or_of_another_shape_is_one_line_and_exit_2(
+    synth_masked, tmp_path, capsys, problem
+):
+    src = _copy(synth_masked, tmp_path / "db")
+    if problem == "orphan":
+        image_path(src, "Lung_Opacity", 4).unlink()
+        named = "Lung_Opacity/masks/Lung_Opacity-4.png"
+    else:
+        Image.fromarray(np.zeros((96, 40), np.uint8)).save(mask_path(src, "Normal", 2))
+        named = "Normal/masks/Normal-2.png is 40x96, but its image Normal/images/Normal-2.png is 96x96"
+    capsys.readouterr()
+    argv = [str(src), str(tmp_path / "out"), "--size", "32", "--min-shards", "1", "--no-progress"]
+    assert run_main(pack_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and named in err and "--no-masks" in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
+    assert run_main(pack_main, [*argv, "--no-masks"]) == 0
+
+
+def test_an_unreadable_mask_skips_its_image_like_an_unreadable_image(synth_masked, tmp_path, capsys):
+    src = _copy(synth_masked, tmp_path / "db")
+    mask_path(src, "COVID", 3).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    argv = [str(src), str(tmp_path / "out"), "--size", "32", "--min-shards", "1", "--no-progress"]
+    assert run_main(pack_main, argv) == 2  # 1 of 16 is more than the default --max-skipped 1%
+    assert "COVID/images/COVID-3.png: its lung mask COVID/masks/COVID-3.png" in capsys.readouterr().err
+    manifest = pack(src, tmp_path / "out", max_skipped=0.1, **OPTS)
+    assert manifest["masks"] is True and manifest["splits"]["train"]["count"] == 15
+    assert [s["path"] for s in manifest["skipped"]] == ["COVID/images/COVID-3.png"]
+    assert "lung mask COVID/masks/COVID-3.png" in manifest["skipped"][0]["reason"]
+
+
+# ----------------------------------------------------------------------------------------------- verify
+
+
+def _rewrite_member(out: Path, edit) -> str:
+    """Rewrite train-000000.tar with `edit(name, data)` -> data or None (drop); return the first key."""
+    shard = out / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    first = members[0][0].split(".", 1)[0]
+    edited = [(n, edit(n, d) if n.startswith(first + ".") else d) for n, d in members]
+    write_shard(shard, [(n, d) for n, d in edited if d is not None])
+    return first
+
+
+@pytest.mark.parametrize("damage", ["missing", "wrong-size", "grey", "not-png"])
+def test_verify_catches_a_bad_mask(synth_masked, tmp_path, damage):
+    out = tmp_path / "out"
+    pack(synth_masked, out, **OPTS)
+    replacement = {
+        "missing": None,
+        "wrong-size": _png(np.zeros((16, 16), np.uint8)),
+        "grey": _png(np.full((32, 32), 128, np.uint8)),
+        "not-png": b"garbage",
+    }[damage]
+    key = _rewrite_member(out, lambda n, d: replacement if n.endswith("." + MASK_EXT) else d)
+    problems = [p for p in verify(out, workers=1) if "sha256" not in p and "bytes, manifest" not in p]
+    expected = {
+        "missing": "no lung mask (.mask.png), but the manifest says masks: true",
+        "wrong-size": "lung mask is 16x16, the image is 32x32",
+        "grey": "lung mask has values other than 0 and 255",
+        "not-png": "lung mask does not decode",
+    }[damage]
+    assert len(problems) == 1 and f"train-000000.tar: sample {key}: {expected}" in problems[0], problems
+
+
+def test_verify_refuses_a_mask_the_manifest_does_not_announce(synth_masked, tmp_path):
+    out = tmp_path / "out"
+    pack(synth_masked, out, masks=False, **OPTS)
+    key = _rewrite_member(out, lambda n, d: d)
+    with tarfile.open(out / "train-000000.tar") as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    members.insert(2, (f"{key}.{MASK_EXT}", _png(np.zeros((32, 32), np.uint8))))
+    write_shard(out / "train-000000.tar", members)
+    problems = verify(out, workers=1)
+    assert any(f"sample {key}: has a lung mask" in p for p in problems), problems
+
+
+def test_manifest_masks_must_be_a_boolean(synth_masked, tmp_path):
+    out = tmp_path / "out"
+    manifest = pack(synth_masked, out, **OPTS)
+    validate_manifest(json.loads(json.dumps(manifest)), "m")
+    with pytest.raises(ManifestError, match="masks must be true or false"):
+        validate_manifest({**manifest, "masks": "yes"}, "m")
+    old = {k: v for k, v in manifest.items() if k != "masks"}
+    assert validate_manifest(old, "m") is old and has_masks(old) is False
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+
+def test_old_shards_without_masks_and_new_ones_with_them_load_alike(synth_masked, tmp_path):
+    from cxrdist.data import eval_batches, read_manifest
+
+    write_shards(tmp_path / "old", {"train": [3, 2]}, image_size=8)
+    assert "masks" not in json.loads((tmp_path / "old" / MANIFEST_NAME).read_text())
+    old = read_manifest(str(tmp_path / "old"))
+    assert old.has_masks is False
+    batches = list(eval_batches(old, "train", batch_size=4, rank=0, world_size=1, num_workers=0))
+    assert sum(len(b[1]) for b in batches) == 5
+
+    pack(synth_masked, tmp_path / "new", **OPTS)
+    new = read_manifest(str(tmp_path / "new"))
+    assert new.has_masks is True
+    batches = list(eval_batches(new, "train", batch_size=8, rank=0, world_size=1, num_workers=0))
+    images = torch.cat([b[0] for b in batches])
+    assert images.shape == (16, 1, 32, 32) and images.dtype == torch.uint8
