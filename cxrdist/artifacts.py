@@ -3,9 +3,10 @@ loading it, and the provenance every output records (cxrdist version, git commit
 
 Contract of meta.json (`ModelMeta`): model name and input channels, class names in label order, image size,
 normalisation, the preprocessing it was trained with (`preprocess.lung_focus`, absent = "off"), and, once
-training has calibrated it, `calibration.temperature`. A model is only ever used with it. The folder is
-written through `shard_tools.files` (a temporary folder, then a rename), so a crash or a full disk never
-leaves a half-written model that looks complete.
+training has calibrated it, `calibration.temperature`. A model is only ever used with it, and it is
+checked on load (`cxrdist.metadata`: well-formed fields, as many classes as the weights have outputs, an
+image size the network takes). The folder is written through `shard_tools.files` (a temporary folder, then
+a rename), so a crash or a full disk never leaves a half-written model that looks complete.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from safetensors.torch import load_file, save_file
 
 import cxrdist
 from cxrdist.lungs import FOCUS_MODES
+from cxrdist.metadata import (
+    check_classes,
+    check_image_size,
+    check_in_chans,
+    check_outputs,
+    check_temperature,
+)
 from shard_tools.errors import CxrdistError, InputError
 from shard_tools.files import atomic_write_json, replace_dir, staging_dir
 
@@ -84,23 +92,21 @@ class ModelMeta:
         try:
             meta = ModelMeta(
                 model_name=str(data["model"]["name"]),
-                in_chans=int(data["model"]["in_chans"]),
-                classes=tuple(data["classes"]),
-                image_size=int(data["image_size"]),
+                in_chans=check_in_chans(data["model"]["in_chans"], source),
+                classes=check_classes(data["classes"], source),
+                image_size=check_image_size(data["image_size"], source),
                 mean=tuple(float(v) for v in data["normalization"]["mean"]),
                 std=tuple(float(v) for v in data["normalization"]["std"]),
-                temperature=(data.get("calibration") or {}).get("temperature"),
+                temperature=check_temperature((data.get("calibration") or {}).get("temperature"), source),
                 data=data,
                 lung_focus=(data.get("preprocess") or {}).get("lung_focus", "off"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ModelDirError(f"{source}: not a cxrdist meta.json (missing or bad field {e})") from None
-        t = meta.temperature
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
-            raise ModelDirError(
-                f"{source}: calibration.temperature must be a positive number, got {t!r}; fix it, or remove "
-                "the calibration entry"
-            )
+        if len(meta.mean) != meta.in_chans or len(meta.std) != meta.in_chans:
+            raise ModelDirError(f"{source}: normalization needs {meta.in_chans} means and stds (in_chans)")
+        if not all(math.isfinite(v) for v in meta.mean) or not all(0 < v < math.inf for v in meta.std):
+            raise ModelDirError(f"{source}: normalization needs finite means and positive stds")
         if meta.lung_focus not in FOCUS_MODES:
             raise ModelDirError(
                 f"{source}: preprocess.lung_focus must be one of {', '.join(FOCUS_MODES)}, got "
@@ -194,14 +200,40 @@ def load_model_files(model_dir: Path) -> tuple[dict[str, torch.Tensor], ModelMet
     return weights, meta
 
 
+def check_head(
+    expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], classes: tuple[str, ...], source: str
+) -> None:
+    """Refuse weights whose output layer has another class count than meta.json names (a metadata edit or
+    a meta.json from another model). `expected`: the state dict of the model built for `classes`."""
+    k = len(classes)
+    head_outputs = {
+        tuple(weights[name].shape)[0]
+        for name, tensor in expected.items()
+        if name in weights
+        and tensor.ndim >= 1
+        and tensor.shape[0] == k
+        and weights[name].ndim == tensor.ndim
+        and weights[name].shape[1:] == tensor.shape[1:]
+        and weights[name].shape[0] != k
+    }
+    if len(head_outputs) == 1:
+        check_outputs(head_outputs.pop(), classes, source)
+
+
 def load_trained_model(run_or_model: str | Path, device: torch.device) -> tuple[torch.nn.Module, ModelMeta]:
     """The model of a run's `best/` (or of a model.safetensors + meta.json directory), in eval mode."""
     from cxrdist.config import ModelConfig
-    from cxrdist.models import create_model
+    from cxrdist.models import ModelError, check_input_size, create_model
 
     model_dir = find_model_dir(run_or_model)
     weights, meta = load_model_files(model_dir)
+    source = str(model_dir / META_FILE)
+    try:
+        check_input_size(meta.model_name, meta.image_size)
+    except ModelError as e:
+        raise ModelDirError(f"{source}: image_size {meta.image_size} does not fit the model ({e})") from None
     model = create_model(ModelConfig(name=meta.model_name, in_chans=meta.in_chans), len(meta.classes))
+    check_head(model.state_dict(), weights, meta.classes, source)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:

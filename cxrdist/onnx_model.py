@@ -14,7 +14,9 @@ Contract of a model written by `python -m cxrdist.export` (the one place its nam
     input_dtype, normalization, temperature (null when none was applied), preprocess (informational: the
     graph applies it), cxrdist_version, trained_with
 
-This module imports numpy, json and onnxruntime only (onnxruntime when a model is loaded), so
+The metadata is checked on load against itself and against the graph's input and output shapes
+(`cxrdist.metadata`): a tampered file is refused with one line. This module imports numpy, json,
+`cxrdist.metadata` and onnxruntime only (onnxruntime when a model is loaded), so
 `cxrdist.predict model.onnx ...` runs where torch is not installed.
 """
 
@@ -27,6 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from cxrdist.metadata import (
+    MetadataError,
+    check_classes,
+    check_image_size,
+    check_outputs,
+    check_temperature,
+)
 from shard_tools.errors import CxrdistError, InputError
 
 __all__ = [
@@ -172,14 +181,28 @@ def load_onnx(path: str | Path, device: str = "cpu", threads: int = 0) -> OnnxCl
         raise InputError(
             f"{path}: its input is {inputs[0].type} but its metadata says {meta['input_dtype']}; re-export"
         )
-    temperature = meta.get("temperature")
+    classes = check_classes(meta["classes"], f"{path} metadata")
+    image_size = check_image_size(meta["image_size"], f"{path} metadata")
+    input_shape, output_shape = inputs[0].shape, _output(outputs).shape
+    if len(input_shape) != 4 or input_shape[1:] != [1, image_size, image_size]:
+        raise MetadataError(
+            f"{path}: its metadata says image_size {image_size} but the graph's input has shape "
+            f"{input_shape}: the metadata does not belong to this graph; re-export the model"
+        )
+    if len(output_shape) != 2 or not isinstance(output_shape[1], int):
+        raise MetadataError(f"{path}: the graph's output has shape {output_shape}, not (N, classes)")
+    check_outputs(output_shape[1], classes, f"{path} metadata")
     return OnnxClassifier(
         path=path,
-        classes=tuple(str(c) for c in meta["classes"]),
-        image_size=int(meta["image_size"]),
+        classes=classes,
+        image_size=image_size,
         input_dtype=input_dtype,
         model_name=str(meta["model_name"]),
-        temperature=None if temperature is None else float(temperature),
+        temperature=check_temperature(meta.get("temperature"), f"{path} metadata"),
         metadata=meta,
         session=session,
     )
+
+
+def _output(outputs: list[Any]) -> Any:
+    return next(o for o in outputs if o.name == OUTPUT_NAME)

@@ -91,3 +91,143 @@ def test_offline_message_shows_the_set_syntax(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match=r"--set model\.pretrained_file=weights/resnet18\.safetensors"):
         create_model(ModelConfig(name="resnet18", pretrained=True), 4)
+
+
+# ----------------------------------------------------------------- 22.10: loaded metadata is checked
+
+CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+SIZE = 32
+
+
+def fake_onnx(path: Path, **changes) -> Path:
+    """A tiny cxrdist-shaped ONNX classifier (uint8 (N, 1, 8, 8) -> (N, 4) probabilities) whose metadata
+    is what `cxrdist.export` writes, with `changes` applied (JSON values)."""
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cxrdist.onnx_model import FORMAT
+
+    s = 8
+    x = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, s, s])
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4])
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(s * s, 4)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Flatten", ["xf"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 20)]
+    )
+    model.ir_version = 10
+    meta = {
+        "cxrdist_format": FORMAT,
+        "classes": CLASSES,
+        "image_size": s,
+        "model_name": "test_resnet",
+        "in_chans": 3,
+        "input_dtype": "uint8",
+        "temperature": None,
+    }
+    meta.update(changes)
+    helper.set_model_props(model, {k: json.dumps(v) for k, v in meta.items()})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_well_formed_onnx_file_loads(tmp_path: Path) -> None:
+    from cxrdist.onnx_model import load_onnx
+
+    clf = load_onnx(fake_onnx(tmp_path / "m.onnx"))
+    assert clf.classes == tuple(CLASSES) and clf.image_size == 8
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"classes": CLASSES[:3]}, "names 3 classes .* but the weights have 4 outputs"),
+        ({"classes": ["A", "A", "B", "C"]}, "names a class twice"),
+        ({"classes": "COVID"}, "classes must be a non-empty list"),
+        ({"image_size": "abc"}, "image_size must be a whole number of pixels in 1..8192, got 'abc'"),
+        ({"image_size": 100000}, "image_size must be a whole number .* got 100000"),
+        ({"image_size": 16}, "image_size 16 but the graph's input has shape"),
+        ({"temperature": "hot"}, "temperature must be a positive number"),
+        ({"temperature": -1}, "temperature must be a positive number"),
+    ],
+)
+def test_tampered_onnx_metadata_is_refused(tmp_path: Path, changes: dict, message: str) -> None:
+    from cxrdist.onnx_model import load_onnx
+    from shard_tools.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        load_onnx(fake_onnx(tmp_path / "m.onnx", **changes))
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """best/ of a 4-class test_resnet at 32 px, as training writes it."""
+    import torch
+
+    from cxrdist.artifacts import export_model, model_meta
+    from cxrdist.config import ModelConfig
+    from cxrdist.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="test_resnet", in_chans=3), len(CLASSES))
+    meta = model_meta("test_resnet", 3, tuple(CLASSES), SIZE, {"epoch": 1})
+    export_model(model.state_dict(), meta, tmp_path / "run" / "best")
+    return tmp_path / "run" / "best"
+
+
+def tamper(model_dir: Path, **changes) -> None:
+    import json
+
+    meta = json.loads((model_dir / "meta.json").read_text())
+    meta.update(changes)
+    (model_dir / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"classes": CLASSES[:3]}, "names 3 classes .* but the weights have 4 outputs"),
+        ({"classes": [*CLASSES, "Other"]}, "names 5 classes .* but the weights have 4 outputs"),
+        ({"image_size": "abc"}, "image_size must be a whole number of pixels in 1..8192, got 'abc'"),
+        ({"image_size": 100000}, "image_size must be a whole number .* got 100000"),
+        ({"image_size": 64.5}, "image_size must be a whole number"),
+        ({"model": {"name": "test_resnet", "in_chans": 2}}, "in_chans must be 1 or 3"),
+        ({"normalization": {"mean": [0.5], "std": [0.2]}}, "normalization needs 3 means and stds"),
+        ({"normalization": {"mean": [0.5] * 3, "std": [0.0] * 3}}, "positive stds"),
+    ],
+)
+def test_tampered_meta_json_is_refused(model_dir: Path, changes: dict, message: str) -> None:
+    import torch
+
+    from cxrdist.artifacts import load_trained_model
+    from shard_tools.errors import InputError
+
+    tamper(model_dir, **changes)
+    with pytest.raises(InputError, match=message):
+        load_trained_model(model_dir, torch.device("cpu"))
+
+
+def test_predict_with_tampered_meta_is_one_line_exit_2(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The issue's case: a huge image_size reached the resize before anything checked it."""
+    import numpy as np
+    from PIL import Image
+
+    from cxrdist import predict
+    from shard_tools.cli import run_main
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(image)
+    tamper(model_dir, image_size=100000)
+    assert run_main(predict.main, [str(model_dir), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "image_size" in one_line(err) and "meta.json" in err
