@@ -19,16 +19,20 @@ import sys
 import threading
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
-import tomli_w
 from PIL import Image
 
+from cxrdist import train
+from cxrdist.artifacts import model_meta, provenance
 from cxrdist.calibration import fit_temperature
-from cxrdist.config import config_to_dict, load_config
+from cxrdist.config import load_config
 from cxrdist.evaluate import Options, SplitScores, full_metrics, probabilities, split_metrics
 from cxrdist.report import fmt, fmt_interval, main, read_run, render_report, write_report
+from cxrdist.train import config_toml
 from shard_tools.cli import run_main
 from shard_tools.errors import EXIT_OK, EXIT_USAGE
 from shard_tools.files import atomic_write_json, atomic_write_text
@@ -103,14 +107,25 @@ def manifest(classes=CLASSES, source: str = "/data/COVID-19_Radiography_Dataset"
 
 
 def config_text(model: str = "resnet18", extra_comment: str = "") -> str:
-    """config.toml as cxrdist.train.config_toml writes it: provenance comments, then the resolved recipe."""
-    cfg = config_to_dict(load_config(REPO / "recipes" / "demo.toml"))
-    cfg["model"]["name"] = model
-    header = (
-        f"# cxrdist_version: 0.1.0\n# git_commit: {COMMIT}\n# torch_version: 2.14.1\n"
-        f"# world_size: 2\n# mixed_precision used: bf16\n{extra_comment}"
-    )
-    return header + tomli_w.dumps(cfg)
+    """config.toml as training writes it (`cxrdist.train.config_toml`): provenance comments, then the
+    resolved demo recipe; `extra_comment` goes after the header's first line."""
+    text = config_toml(load_config(REPO / "recipes" / "demo.toml", [f"model.name={model}"]), 2, "bf16")
+    first, rest = text.split("\n", 1)
+    return f"{first}\n{extra_comment}{rest}"
+
+
+def write_model_meta(root: Path, classes, seed: int = 0, n: int = 240) -> None:
+    """best/meta.json as training writes it: `cxrdist.artifacts.model_meta`, then `cxrdist.train.calibrate`
+    on the fake validation scores that `run_metrics` fits its temperature on (so the temperatures agree)."""
+    training = {"epoch": 3, "ema": False, "best_metric": "accuracy", "val_metrics": {"accuracy": 0.8}}
+    (root / "best").mkdir(parents=True, exist_ok=True)
+    meta = model_meta("resnet18", 1, tuple(classes), 224, training)
+    atomic_write_json(root / "best" / "meta.json", meta)
+    run = SimpleNamespace(run_dir=root, accelerator=SimpleNamespace(is_main_process=True))
+    logits, labels = fake_outputs(len(classes), n, seed + 1)
+    val = SplitScores(tuple(map(str, range(n))), labels, logits.astype(np.float32))
+    with mock.patch.object(train, "score_split", lambda run, split: val):
+        train.calibrate(run)
 
 
 def metrics_rows(classes=CLASSES, epochs: int = 6) -> list[dict]:
@@ -154,10 +169,8 @@ def make_run(root: Path, classes=CLASSES, *, metrics: dict | None = None, real_p
     root.mkdir(parents=True, exist_ok=True)
     metrics = metrics or run_metrics(classes)
     atomic_write_json(root / "test_metrics.json", metrics)
-    temperature = (metrics.get("calibration") or {}).get("temperature")
-    if temperature is not None:  # train keeps the fitted temperature with the model
-        calibration = {"temperature": temperature, "fitted_on": "val"}
-        atomic_write_json(root / "best" / "meta.json", {"calibration": calibration})
+    if (metrics.get("calibration") or {}).get("temperature") is not None:
+        write_model_meta(root, classes)
     atomic_write_json(root / "manifest.json", manifest(classes))
     atomic_write_text(root / "config.toml", config_text())
     rows = metrics_rows(classes)
@@ -275,7 +288,8 @@ def test_full_page_shows_every_section_with_the_runs_numbers(full_run):
     parsed = Page(page)
     assert parsed.errors == []
     assert [s["id"] for s in parsed.all("section")] == [
-        "summary", "data", "training", "results", "roc", "calibration", "gradcam", "model-card", "recipe"
+        "summary", "audit", "data", "training", "results", "roc", "calibration", "gradcam", "model-card",
+        "recipe",
     ]  # fmt: skip
     m = json.loads((full_run / "test_metrics.json").read_text())
     ci = m["intervals"]
@@ -326,7 +340,10 @@ def test_full_page_shows_every_section_with_the_runs_numbers(full_run):
     cells = row(data, "data-class", "Viral Pneumonia")
     counts = [mf["splits"][s]["class_counts"]["Viral Pneumonia"] for s in ("train", "val", "test")]
     assert re.findall(r'class="num">([\d,]+)<', cells) == [str(c) for c in counts] + [str(sum(counts))]
-    assert "shard_tools.pack /data/COVID-19_Radiography_Dataset &#x27;out dir&#x27; --size 224" in data
+    # The pack command as shell words, each option with its value in one unbreakable span.
+    words = re.findall(r'<span class="cmd">([^<]*)</span>', data)
+    source, out = "/data/COVID-19_Radiography_Dataset", "&#39;out dir&#39;"
+    assert words == ["python", "-m shard_tools.pack", source, out, "--size 224"]
     assert "groups (patients)" not in data and "none recorded" in data
 
     # Training, Grad-CAM, model card, recipe.
@@ -339,11 +356,11 @@ def test_full_page_shows_every_section_with_the_runs_numbers(full_run):
     assert "Not for diagnosis" in card and "132665–132676" in card and "104319" in card
     assert "paediatric" in card and "DeGrave" in card
     assert f"accuracy {fmt(m['accuracy'])} {fmt_interval(ci['accuracy'])}" in card
-    assert "<code>resnet18</code> trained from scratch; 6 of 6 epochs, best epoch 3" in card
-    assert "2 process(es); mixed precision bf16; cxrdist 0.1.0, commit <code>" + COMMIT in card
+    assert "resnet18 trained from scratch; 6 of 6 epochs, best epoch 3" in card
+    assert "2 process(es); mixed precision bf16; cxrdist 0.1.0, commit " + provenance()["git_commit"] in card
     assert "COVID 100, Lung_Opacity 103, Normal 106, Viral Pneumonia 109 images" in card
     recipe = section(page, "recipe")
-    assert "# world_size: 2" in recipe and "name = &quot;resnet18&quot;" in recipe
+    assert "# world_size: 2" in recipe and "name = &#34;resnet18&#34;" in recipe
 
 
 def test_page_is_self_contained_and_images_are_the_files(full_run):
@@ -382,7 +399,7 @@ def test_text_from_files_is_escaped(tmp_path):
     assert 'data-class="&lt;script&gt;x&lt;/script&gt;"' in page
     assert "Normal &amp; &lt;b&gt;" in page
     assert "&lt;/pre&gt;&lt;script&gt;y&lt;/script&gt;" in section(page, "recipe")
-    assert "&quot;quoted&quot; &lt;img src=x onerror=alert(1)&gt;" in page
+    assert "&#34;quoted&#34; &lt;img src=x onerror=alert(1)&gt;" in page
     assert Page(page).errors == []  # the hostile names did not break the markup
 
 
@@ -394,10 +411,10 @@ def test_missing_pieces_are_one_muted_line_never_a_broken_image(tmp_path):
     page = write_report(run).read_text()
     parsed = Page(page)
     assert parsed.errors == [] and parsed.all("img") == []
-    assert [s["id"] for s in parsed.all("section")] == ["summary", "results", "model-card"]
+    assert [s["id"] for s in parsed.all("section")] == ["summary", "audit", "results", "model-card"]
     assert "<code>confusion_test.png</code>: not written by this run" in page
     assert "Not in this run: Data, Training, ROC curves and operating points, Calibration, Grad-CAM" in page
-    assert "No intervals in test_metrics.json" in page
+    assert "No intervals in the metrics file" in page
     assert f'<td class="num value">{fmt(metrics["accuracy"])}</td><td class="num interval">–</td>' in page
     assert "the images it used are unknown" in page  # the model card says what it does not know
 
@@ -494,6 +511,7 @@ def test_tta_flag_alone_is_one_sentence(tmp_path):
 
 def test_cli_regenerates_and_rejects_what_is_not_a_finished_run(tmp_path, capsys):
     run = make_run(tmp_path / "run")
+    capsys.readouterr()  # calibrate's line while the run folder was made
     (run / "report.html").write_text("old")
     assert run_main(main, [str(run)]) == EXIT_OK
     assert capsys.readouterr().out.strip() == str(run / "report.html")
