@@ -1,77 +1,44 @@
-"""The run report: ``run.dir/report.html``, one page that shows a finished run to a person.
-
-    python -m cxrdist.report RUN_DIR [--metrics FILE]   # (re)writes RUN_DIR/report.html, prints its path
-
-Reads what the run wrote; only the test metrics are required:
-
-- ``test_metrics.json`` (`cxrdist.evaluate.full_metrics`, written by training), or with ``--metrics FILE``
-  the JSON that ``python -m cxrdist.evaluate`` wrote (``best/eval_test.json`` by default; with ``--tta``
-  it holds both views), with its plots beside it (``<stem>_confusion.png``, ``_roc``, ``_reliability``).
-  Keys: `cxrdist.metrics.summarize`'s, ``best_epoch``, ``provenance``, and optionally ``intervals``,
-  ``calibration``, ``operating_points``, ``probabilities``, ``without_tta``, ``subgroups``.
-- ``config.toml``: the resolved recipe; its ``# key: value`` header lines carry the provenance.
-- ``manifest.json``: classes, per-split counts, ``source``, ``command``, groups (`shard_tools.schema`).
-- ``metrics.jsonl``: one row per epoch; ``best/meta.json``: where the temperature was fitted.
-- ``audit.json`` (`cxrdist.audit`; contract in the module's docstring) with ``audit_visible.png`` and
-  ``audit_examples.png``: the "Does the model read the lungs?" section and the model card's measured risks.
-- the plots (`cxrdist.plots`) and ``gradcam/explain_summary.json`` with its grid (`cxrdist.explain`).
-
-This module only gathers: every function below turns files into plain dicts of values and plain text.
-The page's markup, its stylesheet and the model card's prose are Jinja2 templates in
-``cxrdist/templates/`` (package data), rendered with autoescape on, so every string taken from a file
-is escaped by default. The page is self-contained: images are base64 ``data:`` URIs, the stylesheet is
-inline, there is no script and nothing is fetched. A section whose inputs are all absent is left out (the
-core ones are named in one muted line under the contents); a missing or damaged image is one muted line.
-Values print with 4 decimals and intervals with 2, as the terminal table (`cxrdist.tables`) does.
-
-Only the standard library, jinja2 and shard_tools are imported (no torch, numpy or matplotlib).
+"""What the report shows, gathered from a `RunRecord` into plain dicts of values and plain text: one
+`gather_*` function per section, and `gather` for the whole page (templates/report.html.j2 renders it).
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
 import json
-import math
 import shlex
 import statistics
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
+from cxrdist.report.record import (
+    AUDIT_FILE,
+    RunRecord,
+    class_order,
+    figure,
+    fmt,
+    fmt_interval,
+    get,
+    headline,
+    is_number,
+    level,
+    result_plot,
+    uses_tta,
+)
 from cxrdist.rundir import (
     BEST_DIR,
-    BEST_META,
     CONFIG_FILE,
     CONFUSION_PNG,
     CURVES_PNG,
     EXPLAIN_SUMMARY,
     GRADCAM_DIR,
-    MANIFEST_FILE,
     METRICS_FILE,
     RELIABILITY_PNG,
-    REPORT_FILE,
     ROC_PNG,
     TEST_METRICS_FILE,
 )
-from shard_tools.cli import run_main
-from shard_tools.errors import EXIT_OK, CxrdistError, InputError
-from shard_tools.files import atomic_write_text
 from shard_tools.schema import SPLITS
-
-try:
-    from cxrdist.rundir import AUDIT_FILE
-except ImportError:  # until cxrdist.audit's constant lands in rundir (contracts: the same name)
-    AUDIT_FILE = "audit.json"
 
 CLASS_METRICS = (
     ("precision", "precision"),
@@ -87,267 +54,9 @@ HEADLINE = (
     ("weighted_f1", "weighted F1"),
     ("macro_roc_auc", "macro ROC-AUC"),
 )
-NOT_WRITTEN = "not written by this run"
 # The demo's folder of `shard_tools.synth` output (cxrdist.demo packs OUT/synthetic).
 SYNTHETIC_FOLDER = "synthetic"
 DATABASE_MARK = "covid-19_radiography"  # the Kaggle zip's and folder's name, any case
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk and its CRC: a PNG cut short does not end with it
-
-
-class ReportError(InputError):
-    """RUN_DIR is not a finished run's folder; the message names what is missing. Exit 2."""
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What a run directory holds, read once. Absent optional files are None (or empty)."""
-
-    run_dir: Path
-    metrics: dict[str, Any]  # test_metrics.json, or the --metrics file
-    metrics_file: Path  # where `metrics` came from
-    manifest: dict[str, Any] | None
-    config_text: str | None  # config.toml as written
-    config: dict[str, Any]  # config.toml parsed ({} when absent or unparsable)
-    header: dict[str, str]  # its "# key: value" lines
-    rows: list[dict[str, Any]]  # metrics.jsonl
-    explain: dict[str, Any] | None  # explain_summary.json's "shards" entry
-    model_meta: dict[str, Any] | None  # best/meta.json (where the fitted temperature is recorded)
-    audit: dict[str, Any] | None  # audit.json
-    problems: dict[str, str]  # file name -> why it could not be read
-
-    @property
-    def classes(self) -> list[str]:
-        """Manifest order; a metrics file alone has its keys sorted (atomic_write_json)."""
-        per_class = list((self.metrics.get("per_class") or {}).keys())
-        listed = list((self.manifest or {}).get("classes") or [])
-        return listed + [c for c in per_class if c not in listed]
-
-    @property
-    def intervals(self) -> dict[str, Any]:
-        return self.metrics.get("intervals") or {}
-
-    def provenance(self, key: str) -> str | None:
-        return self.header.get(key) or (self.metrics.get("provenance") or {}).get(key)
-
-    def shown(self, path: Path) -> str:
-        """A file's name as the page shows it: relative to the run directory when inside it."""
-        return str(path.relative_to(self.run_dir)) if path.is_relative_to(self.run_dir) else str(path)
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-def _read_json(run_dir: Path, relative: str, problems: dict[str, str]) -> Any:
-    """An optional JSON object: None when absent; when unreadable, None and a note in `problems`."""
-    path = run_dir / relative
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        problems[relative] = f"could not be read ({e})"
-        return None
-    if not isinstance(data, dict):
-        problems[relative] = "is not a JSON object"
-        return None
-    return data
-
-
-def _config_header(text: str) -> dict[str, str]:
-    """The comment lines train writes above the recipe: ``# cxrdist_version: 0.1.0`` and so on."""
-    header = {}
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        key, sep, value = line[1:].partition(":")
-        if sep:
-            header[key.strip()] = value.strip()
-    return header
-
-
-def _read_metrics(path: Path) -> dict[str, Any]:
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path}: cannot be read as JSON ({e})") from None
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("per_class"), dict):
-        raise ReportError(f"{path}: not a metrics file written by cxrdist (no per_class table)")
-    return metrics
-
-
-def read_run(run_dir: Path, metrics_file: Path | None = None) -> RunRecord:
-    """Read a run directory. Raises `ReportError` when it is not one, or its test metrics (test_metrics.json,
-    or `metrics_file`) are missing or unreadable; any other file that is missing or unreadable only leaves
-    its part of the page out."""
-    run_dir = Path(run_dir).absolute()
-    if not run_dir.exists():
-        raise ReportError(f"{run_dir}: no such folder; give a run directory (the recipe's run.dir)")
-    if not run_dir.is_dir():
-        raise ReportError(f"{run_dir} is a file; give a run directory (the recipe's run.dir)")
-    if metrics_file is not None:
-        metrics_path = Path(metrics_file).absolute()
-        if not metrics_path.is_file():
-            raise ReportError(f"{metrics_file}: no such file (give the JSON that cxrdist.evaluate wrote)")
-    else:
-        metrics_path = run_dir / TEST_METRICS_FILE
-        if not metrics_path.is_file():
-            if not any((run_dir / name).exists() for name in (CONFIG_FILE, MANIFEST_FILE, METRICS_FILE)):
-                raise ReportError(
-                    f"{run_dir} is not a run directory: no {TEST_METRICS_FILE}, {CONFIG_FILE} or "
-                    f"{MANIFEST_FILE} in it"
-                )
-            raise ReportError(
-                f"{run_dir}: no {TEST_METRICS_FILE}: has the run finished? (train writes it after the last "
-                "epoch)"
-            )
-    metrics = _read_metrics(metrics_path)
-
-    problems: dict[str, str] = {}
-    config_text, config, header = None, {}, {}
-    if (run_dir / CONFIG_FILE).is_file():
-        try:
-            config_text = (run_dir / CONFIG_FILE).read_text(encoding="utf-8")
-            header = _config_header(config_text)
-            config = tomllib.loads(config_text)
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            problems[CONFIG_FILE] = f"could not be parsed ({e})"
-    rows = []
-    if (run_dir / METRICS_FILE).is_file():
-        try:
-            lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
-            rows = [json.loads(line) for line in lines if line.strip()]
-        except (OSError, ValueError) as e:
-            problems[METRICS_FILE] = f"could not be read ({e})"
-    summary = _read_json(run_dir, f"{GRADCAM_DIR}/{EXPLAIN_SUMMARY}", problems)
-    explain = (summary or {}).get("shards")
-    return RunRecord(
-        run_dir=run_dir,
-        metrics=metrics,
-        metrics_file=metrics_path,
-        manifest=_read_json(run_dir, MANIFEST_FILE, problems),
-        config_text=config_text,
-        config=config,
-        header=header,
-        rows=[r for r in rows if isinstance(r, dict)],
-        explain=explain if isinstance(explain, dict) else None,
-        model_meta=_read_json(run_dir, BEST_META, problems),
-        audit=_read_json(run_dir, AUDIT_FILE, problems),
-        problems=problems,
-    )
-
-
-# ------------------------------------------------------------------------------- values as printed
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def fmt(value: object, digits: int = 4) -> str:
-    """A metric as the page prints it: 4 decimals; '–' for undefined (null) or anything not a number."""
-    return f"{value:.{digits}f}" if _is_number(value) else "–"
-
-
-def fmt_interval(interval: object) -> str:
-    """``[0.89, 0.94]``, or '' when there is none."""
-    if isinstance(interval, (list, tuple)) and len(interval) == 2 and all(map(_is_number, interval)):
-        return f"[{interval[0]:.2f}, {interval[1]:.2f}]"
-    return ""
-
-
-def pct(value: object, digits: int = 1) -> str:
-    return f"{value:.{digits}%}" if _is_number(value) else "–"
-
-
-def count(value: object) -> str:
-    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else "–"
-
-
-def threshold(value: object) -> str:
-    """4 decimals like every probability on the page; tiny thresholds in scientific notation."""
-    if not _is_number(value):
-        return "none"
-    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.1e}"
-
-
-def plural(n: int, one: str, many: str = "") -> str:
-    return f"{n:,} {one if n == 1 else many or one + 's'}"
-
-
-def _get(data: Any, *keys: str) -> Any:
-    """data[k1][k2]..., or None where a level is missing or not a dict."""
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
-
-
-def _headline(metrics: Any, key: str) -> tuple[Any, Any]:
-    """(value, interval) of a headline metric, from full metrics or a compact dict such as ``without_tta``
-    (which carries ``macro_roc_auc`` itself rather than under ``macro``)."""
-    if not isinstance(metrics, dict):
-        return None, None
-    intervals = metrics.get("intervals") if isinstance(metrics.get("intervals"), dict) else {}
-    if key == "macro_roc_auc":
-        value = metrics.get(key, _get(metrics, "macro", "roc_auc"))
-        return value, intervals.get(key) or _get(intervals, "macro", "roc_auc")
-    return metrics.get(key), intervals.get(key)
-
-
-def _uses_tta(metrics: dict[str, Any]) -> bool:
-    """Whether the reported probabilities average each image with its mirror image."""
-    return bool(metrics.get("tta") or metrics.get("tta_hflip") or _get(metrics, "probabilities", "tta_hflip"))
-
-
-def _level(run: RunRecord) -> str:
-    level = _get(run.intervals, "settings", "level")
-    return f"{level:.0%}" if _is_number(level) else "95%"
-
-
-def _class_order(run: RunRecord, mapping: dict[str, Any]) -> list[str]:
-    """The keys of a per-class mapping in manifest order, unknown names last."""
-    return [c for c in run.classes if c in mapping] + [c for c in mapping if c not in run.classes]
-
-
-# -------------------------------------------------------------------------------------------- images
-
-
-def png_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a complete PNG, None for anything else (a truncated file included)."""
-    if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
-        return None
-    if not data.rstrip(b"\0").endswith(_PNG_END):
-        return None
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return (width, height) if width and height else None
-
-
-def figure(run: RunRecord, path: Path | str, alt: str, caption: str = "") -> dict[str, Any]:
-    """A PNG inlined as a data: URI, or the reason it is not shown (missing, unreadable, damaged)."""
-    path = run.run_dir / path
-    out = {"file": run.shown(path), "alt": alt, "caption": caption, "problem": None}
-    if not path.is_file():
-        return out | {"problem": NOT_WRITTEN}
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return out | {"problem": f"could not be read ({e.strerror})"}
-    size = png_size(data)
-    if size is None:
-        return out | {"problem": "not a complete PNG file (damaged or cut short)"}
-    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-    return out | {"uri": uri, "width": size[0], "height": size[1]}
-
-
-def _result_plot(run: RunRecord, kind: str, default: str) -> Path:
-    """Training's plot, or the one cxrdist.evaluate wrote beside its JSON (``eval_test_roc.png``)."""
-    if run.metrics_file == run.run_dir / TEST_METRICS_FILE:
-        return run.run_dir / default
-    return run.metrics_file.with_name(f"{run.metrics_file.stem}_{kind}.png")
-
 
 # ------------------------------------------------------------------------------------------- the data
 
@@ -393,10 +102,10 @@ def gather_data(run: RunRecord) -> dict[str, Any] | None:
     present = [s for s in SPLITS if isinstance(splits.get(s), dict)]
     rows = []
     for name in run.classes:
-        counts = [_get(splits, s, "class_counts", name) for s in present]
+        counts = [get(splits, s, "class_counts", name) for s in present]
         rows.append({"name": name, "counts": counts, "total": sum(c for c in counts if isinstance(c, int))})
-    totals = [_get(splits, s, "count") for s in present]
-    groups = [_get(splits, s, "groups") for s in present]
+    totals = [get(splits, s, "count") for s in present]
+    groups = [get(splits, s, "groups") for s in present]
     group_sizes = [len(g) if isinstance(g, list) else None for g in groups]
     command = manifest.get("command")
     fractions = manifest.get("split_fractions")
@@ -413,7 +122,7 @@ def gather_data(run: RunRecord) -> dict[str, Any] | None:
         "command": _command_groups(command) if isinstance(command, list) and command else None,
         "image_size": manifest.get("image_size"),
         "split_shares": (
-            ", ".join(f"{s} {fractions[s]:.0%}" for s in SPLITS if _is_number(fractions.get(s)))
+            ", ".join(f"{s} {fractions[s]:.0%}" for s in SPLITS if is_number(fractions.get(s)))
             if isinstance(fractions, dict)
             else None
         ),
@@ -437,20 +146,20 @@ def gather_data(run: RunRecord) -> dict[str, Any] | None:
 
 def gather_summary(run: RunRecord) -> dict[str, Any]:
     m = run.metrics
-    rows = [{"key": k, "label": label, **_value(*_headline(m, k))} for k, label in HEADLINE]
+    rows = [{"key": k, "label": label, **_value(*headline(m, k))} for k, label in HEADLINE]
     return {
         "rows": rows,
-        "level": _level(run),
+        "level": level(run),
         "num_samples": m.get("num_samples"),
         "best_epoch": m.get("best_epoch"),
         "epochs": len(run.rows),
-        "model": _get(run.config, "model", "name"),
-        "probabilities": _get(m, "probabilities", "source"),
-        "tta": _uses_tta(m),
+        "model": get(run.config, "model", "name"),
+        "probabilities": get(m, "probabilities", "source"),
+        "tta": uses_tta(m),
         "precision": m.get("mixed_precision") or m.get("precision"),
         "settings": (
             {k: settings.get(k) for k in ("level", "method", "resamples", "seed")}
-            if isinstance(settings := _get(run.intervals, "settings"), dict)
+            if isinstance(settings := get(run.intervals, "settings"), dict)
             else None
         ),
         "metrics_file": run.shown(run.metrics_file),
@@ -474,7 +183,7 @@ def _other_evaluations(run: RunRecord) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and isinstance(data.get("per_class"), dict):
-            found.append({"file": run.shown(path), "tta": _uses_tta(data), "split": data.get("split", "?")})
+            found.append({"file": run.shown(path), "tta": uses_tta(data), "split": data.get("split", "?")})
     return found
 
 
@@ -496,11 +205,11 @@ def gather_training(run: RunRecord) -> dict[str, Any] | None:
         out["epochs"].append(
             {"label": label, "epoch": r.get("epoch", "?"), "cells": values, "lr": r.get("lr")}
         )
-    speeds = [r["images_per_s"] for r in run.rows if _is_number(r.get("images_per_s"))]
-    metric = _get(run.config, "train", "best_metric")
+    speeds = [r["images_per_s"] for r in run.rows if is_number(r.get("images_per_s"))]
+    metric = get(run.config, "train", "best_metric")
     out |= {
         "count": len(run.rows),
-        "minutes": sum(r["epoch_seconds"] for r in run.rows if _is_number(r.get("epoch_seconds"))) / 60,
+        "minutes": sum(r["epoch_seconds"] for r in run.rows if is_number(r.get("epoch_seconds"))) / 60,
         "median_speed": statistics.median(speeds) if speeds else None,
         "best_metric": dict(HEADLINE).get(metric, metric) if metric else None,
     }
@@ -511,14 +220,14 @@ def gather_results(run: RunRecord) -> dict[str, Any]:
     m, ci = run.metrics, run.intervals
     rows = []
     for name in run.classes:
-        row = _get(m, "per_class", name) or {}
-        cells = [_value(row.get(k), _get(ci, "per_class", name, k)) for k, _ in CLASS_METRICS]
+        row = get(m, "per_class", name) or {}
+        cells = [_value(row.get(k), get(ci, "per_class", name, k)) for k, _ in CLASS_METRICS]
         rows.append({"name": name, "cells": cells, "support": row.get("support")})
     averages = [
-        {"name": avg, "cells": [_value(_get(m, avg, k), _get(ci, avg, k)) for k, _ in CLASS_METRICS]}
+        {"name": avg, "cells": [_value(get(m, avg, k), get(ci, avg, k)) for k, _ in CLASS_METRICS]}
         for avg in ("macro", "weighted")
     ]
-    plot = _result_plot(run, "confusion", CONFUSION_PNG)
+    plot = result_plot(run, "confusion", CONFUSION_PNG)
     caption = "Rows: true class; columns: predicted class."
     return {
         "labels": [label for _, label in CLASS_METRICS],
@@ -531,11 +240,11 @@ def gather_results(run: RunRecord) -> dict[str, Any]:
 
 def gather_roc(run: RunRecord) -> dict[str, Any] | None:
     points = run.metrics.get("operating_points")
-    plot = _result_plot(run, "roc", ROC_PNG)
+    plot = result_plot(run, "roc", ROC_PNG)
     if not isinstance(points, dict) and not plot.exists():
         return None
     classes = []
-    for name in _class_order(run, points if isinstance(points, dict) else {}):
+    for name in class_order(run, points if isinstance(points, dict) else {}):
         entry = points[name]
         if not isinstance(entry, dict) or not entry.get("points"):
             classes.append({"name": name, "points": None})
@@ -555,13 +264,13 @@ def gather_roc(run: RunRecord) -> dict[str, Any] | None:
     return {
         "figure": figure(run, plot, "one-vs-rest ROC curves with the operating points marked"),
         "classes": classes if isinstance(points, dict) else None,
-        "null_threshold": any(not _is_number(p["threshold"]) for c in classes for p in c["points"] or []),
+        "null_threshold": any(not is_number(p["threshold"]) for c in classes for p in c["points"] or []),
     }
 
 
 def gather_calibration(run: RunRecord) -> dict[str, Any] | None:
     cal = run.metrics.get("calibration")
-    plot = _result_plot(run, "reliability", RELIABILITY_PNG)
+    plot = result_plot(run, "reliability", RELIABILITY_PNG)
     if not isinstance(cal, dict) and not plot.exists():
         return None
     out: dict[str, Any] = {
@@ -573,17 +282,17 @@ def gather_calibration(run: RunRecord) -> dict[str, Any] | None:
     before, after = cal.get("before") or {}, cal.get("after")
     temperature = cal.get("temperature")
     fitted_on = cal.get("temperature_fitted_on")
-    meta = _get(run.model_meta, "calibration") or {}
+    meta = get(run.model_meta, "calibration") or {}
     if not fitted_on and meta.get("temperature") == temperature:  # train keeps it with the model
         fitted_on = meta.get("fitted_on")
     measures = (("ece", "ECE"), ("brier", "Brier score"), ("nll", "NLL (nats)"))
     return out | {
         "rows": [
-            {"key": k, "label": label, "before": _value(before.get(k)), "after": _value(_get(after, k))}
+            {"key": k, "label": label, "before": _value(before.get(k)), "after": _value(get(after, k))}
             for k, label in measures
         ],
         "has_after": isinstance(after, dict),
-        "temperature": temperature if isinstance(after, dict) and _is_number(temperature) else None,
+        "temperature": temperature if isinstance(after, dict) and is_number(temperature) else None,
         "fitted_on": fitted_on,
         "n_bins": cal.get("n_bins", 15),
     }
@@ -593,12 +302,12 @@ def gather_tta(run: RunRecord) -> dict[str, Any] | None:
     m = run.metrics
     without = m.get("without_tta")
     if not isinstance(without, dict):
-        return {"rows": None} if _uses_tta(m) else None
+        return {"rows": None} if uses_tta(m) else None
     rows = []
     for key, label in (*HEADLINE, ("loss", "loss (NLL)")):
         if key in without:
-            (a, ci_a), (b, ci_b) = _headline(m, key), _headline(without, key)
-            change = f"{a - b:+.4f}" if _is_number(a) and _is_number(b) else "–"
+            (a, ci_a), (b, ci_b) = headline(m, key), headline(without, key)
+            change = f"{a - b:+.4f}" if is_number(a) and is_number(b) else "–"
             rows.append({"key": key, "label": label, "with": _value(a, ci_a), "without": _value(b, ci_b),
                          "change": change})  # fmt: skip
     return {"rows": rows}
@@ -607,9 +316,9 @@ def gather_tta(run: RunRecord) -> dict[str, Any] | None:
 def _metric_rows(groups: dict[str, Any], first: str = "num_samples") -> tuple[list, list]:
     """(columns, rows) of headline metrics for named parts of the test split (subgroups, sources)."""
     parts = [g for g in groups.values() if isinstance(g, dict)]
-    keys = [(k, label) for k, label in HEADLINE if any(_headline(g, k)[0] is not None for g in parts)]
+    keys = [(k, label) for k, label in HEADLINE if any(headline(g, k)[0] is not None for g in parts)]
     rows = [
-        {"name": name, "n": _get(g, first), "cells": [_value(*_headline(g, k)) for k, _ in keys]}
+        {"name": name, "n": get(g, first), "cells": [_value(*headline(g, k)) for k, _ in keys]}
         for name, g in groups.items()
     ]
     return [label for _, label in keys], rows
@@ -634,7 +343,7 @@ def gather_gradcam(run: RunRecord) -> dict[str, Any] | None:
     rows = None
     if isinstance(per_class, dict):
         rows = []
-        for name in _class_order(run, per_class):
+        for name in class_order(run, per_class):
             r = per_class[name] if isinstance(per_class[name], dict) else {}
             rows.append({"name": name, **{k: r.get(k) for k in ("images", "mean_outside_share", "accuracy")}})
     box = explain.get("lung_box") if explain else None
@@ -642,7 +351,7 @@ def gather_gradcam(run: RunRecord) -> dict[str, Any] | None:
         "figure": figure(run, grid, f"Grad-CAM heat maps of {split} images, one row per true class", caption),
         "rows": rows,
         "summary_file": f"{GRADCAM_DIR}/{EXPLAIN_SUMMARY}",
-        "box": box if isinstance(box, list) and len(box) == 4 and all(map(_is_number, box)) else None,
+        "box": box if isinstance(box, list) and len(box) == 4 and all(map(is_number, box)) else None,
     }
 
 
@@ -672,21 +381,21 @@ def gather_audit(run: RunRecord) -> dict[str, Any]:
                 "title": v.get("title", key) if isinstance(v, dict) else key,
                 "description": v.get("description", "") if isinstance(v, dict) else "",
                 "cells": [
-                    _value(*_headline(m, k)) for k in ("accuracy", "balanced_accuracy", "macro_roc_auc")
+                    _value(*headline(m, k)) for k in ("accuracy", "balanced_accuracy", "macro_roc_auc")
                 ],
                 "recalls": [
-                    _value(_get(m, "per_class", c, "recall"), _get(ci, "per_class", c, "recall"))
+                    _value(get(m, "per_class", c, "recall"), get(ci, "per_class", c, "recall"))
                     for c in scored
                 ],  # fmt: skip
                 "confusion": _confusion(cm, classes),
             }
         )
-    chance = {k: _get(audit, "chance", k) for k in ("accuracy", "balanced_accuracy")}
-    margin = audit.get("margin") if _is_number(audit.get("margin")) else 0.0
+    chance = {k: get(audit, "chance", k) for k in ("accuracy", "balanced_accuracy")}
+    margin = audit.get("margin") if is_number(audit.get("margin")) else 0.0
     for v in variants:  # shade balanced accuracy that stays above chance without the lungs
         low = (v["cells"][1]["interval"] or [None])[0]
         bar = chance["balanced_accuracy"]
-        v["flag"] = v["key"] != "intact" and _is_number(low) and _is_number(bar) and low > bar + margin
+        v["flag"] = v["key"] != "intact" and is_number(low) and is_number(bar) and low > bar + margin
     gradcam = audit.get("gradcam") if isinstance(audit.get("gradcam"), dict) else None
     if gradcam is not None:
         gradcam = {"inside_share_mean": gradcam.get("inside_share_mean"), "region": gradcam.get("region")}
@@ -704,7 +413,7 @@ def gather_audit(run: RunRecord) -> dict[str, Any]:
         "variants": variants,
         "chance": chance,
         "margin": margin,
-        "intervals": {k: _get(audit, "intervals", k) for k in ("method", "resamples", "seed", "level")},
+        "intervals": {k: get(audit, "intervals", k) for k in ("method", "resamples", "seed", "level")},
         "mask_note": audit.get("mask_note") or "",
         "mask_source": audit.get("mask_source"),
         "flagged": bool(verdict.get("shortcut_suspected")),
@@ -728,8 +437,8 @@ def _confusion(cm: Any, classes: list[str]) -> dict[str, Any] | None:
         return None
     rows = []
     for name, r in zip(classes, cm, strict=True):
-        total = sum(n for n in r if _is_number(n))
-        rows.append({"name": name, "cells": [(n, n / total if total and _is_number(n) else 0.0) for n in r]})
+        total = sum(n for n in r if is_number(n))
+        rows.append({"name": name, "cells": [(n, n / total if total and is_number(n) else 0.0) for n in r]})
     return {"rows": rows}
 
 
@@ -738,7 +447,7 @@ def gather_card(run: RunRecord, data: dict[str, str], audit: dict[str, Any], has
     m, ci, manifest = run.metrics, run.intervals, run.manifest or {}
     counts = []
     for name in run.classes:
-        n = sum(c for s in SPLITS if isinstance(c := _get(manifest, "splits", s, "class_counts", name), int))
+        n = sum(c for s in SPLITS if isinstance(c := get(manifest, "splits", s, "class_counts", name), int))
         counts.append(f"{name} {n:,}")
     headline = []
     for key, label in HEADLINE[:3]:
@@ -746,9 +455,9 @@ def gather_card(run: RunRecord, data: dict[str, str], audit: dict[str, Any], has
         headline.append(f"{label} {fmt(m.get(key))}" + (f" {interval}" if interval else ""))
     recalls = []
     for name in run.classes:
-        interval = fmt_interval(_get(ci, "per_class", name, "recall"))
+        interval = fmt_interval(get(ci, "per_class", name, "recall"))
         recalls.append(
-            f"{name} {fmt(_get(m, 'per_class', name, 'recall'))}" + (f" {interval}" if interval else "")
+            f"{name} {fmt(get(m, 'per_class', name, 'recall'))}" + (f" {interval}" if interval else "")
         )
     return {
         "training": _training_facts(run),
@@ -761,26 +470,26 @@ def gather_card(run: RunRecord, data: dict[str, str], audit: dict[str, Any], has
         "headline": ", ".join(headline),
         "recalls": "; ".join(recalls),
         "has_intervals": isinstance(ci.get("settings"), dict),
-        "level": _level(run),
+        "level": level(run),
     }
 
 
 def _training_facts(run: RunRecord) -> list[str]:
     """How the model was trained, as short plain phrases (config.toml and its provenance header)."""
     cfg, facts = run.config, []
-    model, pretrained = _get(cfg, "model", "name"), _get(cfg, "model", "pretrained")
+    model, pretrained = get(cfg, "model", "name"), get(cfg, "model", "pretrained")
     if model:
         weights = "" if pretrained is None else " from ImageNet weights" if pretrained else " from scratch"
         facts.append(f"{model} trained{weights}" if weights else str(model))
-    epochs = _get(cfg, "train", "epochs")
+    epochs = get(cfg, "train", "epochs")
     if run.rows or epochs:
         ran = f"{len(run.rows)} of {epochs}" if run.rows and epochs else f"{epochs or len(run.rows)}"
         facts.append(f"{ran} epochs, best epoch {run.metrics.get('best_epoch', '?')}")
-    optim = _get(cfg, "optim")
+    optim = get(cfg, "optim")
     if isinstance(optim, dict) and optim.get("name"):
         lr, schedule = optim.get("lr", "?"), optim.get("schedule", "?")
         facts.append(f"{optim['name']}, learning rate {lr}, {schedule} schedule")
-    if batch := _get(cfg, "train", "per_device_batch_size"):
+    if batch := get(cfg, "train", "per_device_batch_size"):
         facts.append(f"{batch} images per device per step")
     if world := run.header.get("world_size"):
         facts.append(f"{world} process(es)")
@@ -826,7 +535,7 @@ def gather(run: RunRecord) -> dict[str, Any]:
             True,
         ),  # fmt: skip
     ]
-    model = _get(run.config, "model", "name")
+    model = get(run.config, "model", "name")
     return {
         "title": f"{model or 'a model'} trained on {data['short']}",
         "data": data,
@@ -843,68 +552,3 @@ def gather(run: RunRecord) -> dict[str, Any]:
         "gradcam_missing": gradcam is None,
         "problems": sorted(run.problems.items()),
     }
-
-
-# -------------------------------------------------------------------------------------------- the page
-
-_ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("cxrdist", "templates"),
-    autoescape=True,  # every value is text; markup lives in the templates
-    undefined=jinja2.StrictUndefined,  # a misspelt name is an error, not an empty cell
-    trim_blocks=True,
-    lstrip_blocks=True,
-    keep_trailing_newline=True,
-)
-_ENV.filters.update(num=fmt, interval=fmt_interval, pct=pct, count=count, threshold=threshold)
-_ENV.globals.update(plural=plural, is_number=_is_number)
-
-
-def render_report(run: RunRecord) -> str:
-    """The whole page as one HTML string."""
-    return _ENV.get_template("report.html.j2").render(gather(run))
-
-
-def write_report(run_dir: Path, metrics_file: Path | None = None) -> Path:
-    """Write ``run_dir/report.html`` atomically and return its path. `metrics_file`: show the JSON that
-    ``cxrdist.evaluate`` wrote (with TTA, say) instead of training's test_metrics.json.
-
-    Raises `ReportError` (exit 2) when `run_dir` is not a run directory or its metrics are missing or
-    unreadable, `CxrdistError` (exit 1) when the page cannot be written.
-    """
-    run_dir = Path(run_dir)
-    page = render_report(read_run(run_dir, metrics_file))
-    path = run_dir / REPORT_FILE
-    try:
-        atomic_write_text(path, page)
-    except OSError as e:
-        raise CxrdistError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="cxrdist.report",
-        description="Write RUN_DIR/report.html: the run on one self-contained page, with a model card.",
-    )
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (the recipe's run.dir)")
-    p.add_argument(
-        "--metrics",
-        type=Path,
-        metavar="FILE",
-        help="show this cxrdist.evaluate JSON (e.g. RUN_DIR/best/eval_test.json after evaluate --tta) "
-        "instead of training's test_metrics.json; its plots beside it are used too",
-    )
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    print(write_report(args.run_dir, args.metrics))
-    return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(run_main(main))
