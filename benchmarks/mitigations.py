@@ -5,9 +5,10 @@ intact test split, and does it stop scoring above chance when the lungs are hidd
 
 Packs the real 3-class sample at 128 px into WORK/shards (once; pack's default 70/15/15 split), then for
 each seed trains the study CNN with its augmentation (recipes/cnn_augmented.toml) four times, the same
-epochs each: as shipped (baseline), with `augment.border_erase = 0.5`, with `data.lung_focus = "mask"` and
-with `data.lung_focus = "crop"`. Each model is scored on the test split four ways, occluding on the device
-before the model's own preprocessing (its lung focus) and the normalisation, as the shortcut audit does:
+epochs each, in fp32: as shipped (baseline), with `augment.border_erase = 0.5`, with
+`data.lung_focus = "mask"` and with `data.lung_focus = "crop"`. Each model is scored on the test split
+four ways, occluding on the device before the model's own preprocessing (its lung focus) and the
+normalisation, as the shortcut audit does:
 
     intact        the images as they are
     lungs_hidden  the lung template set to `cxrdist.lungs.FILL` (flat gray that normalises to ~0)
@@ -63,6 +64,9 @@ MITIGATIONS = {
     "lung_focus=crop": ["data.lung_focus=crop"],
 }
 OCCLUSIONS = ("intact", "lungs_hidden", "lungs_only", "border_only")
+# fp32 and contiguous tensors in training's own evaluation too, so that its test metrics and the scoring
+# here are the same arithmetic: the intact scores are checked equal to the run's test_metrics.json.
+EXACT = ["train.mixed_precision=no", "train.channels_last=false"]
 RESAMPLES, BOOTSTRAP_SEED = 1000, 0
 
 
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for name in names:
             run_dir = args.work / "runs" / f"{name.replace('=', '-')}-seed{seed}"
-            sets = [f"train.epochs={args.epochs}", f"run.seed={seed}", "eval.gradcam_per_class=0"]
+            sets = [f"train.epochs={args.epochs}", f"run.seed={seed}", "eval.gradcam_per_class=0", *EXACT]
             trained = train_run(RECIPE, run_dir, shards, [*sets, *MITIGATIONS[name]])
             scored = score_occlusions(run_dir, shards)
             if abs(scored["intact"]["accuracy"] - trained["test"]["accuracy"]) > 1e-9:
