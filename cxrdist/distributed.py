@@ -1,9 +1,13 @@
-"""Ranks acting together: agreement collectives, stop signals, and telling a lost rank from a bug.
+"""Ranks acting together: agreement collectives, the gathers evaluation needs, stop signals, and telling a
+lost rank from a bug.
 
 Every rank of a job must take the same branch at every collective, or the job hangs until the collective
 timeout. So a decision one rank makes (its disk is full, it got SIGTERM) goes through `all_ranks_ok` or
-`any_rank` first, and all ranks act on the agreed answer together. Only `cxrdist.train` and the CLIs use
-this module; it takes an Accelerate `Accelerator` (or `PartialState`) as its only handle on the job.
+`any_rank` first, and all ranks act on the agreed answer together. Those two take an Accelerate
+`Accelerator` (or `PartialState`) as their handle on the job; the gathers (`all_reduce_sum`, `gather_rows`,
+`gather_objects`) use torch.distributed's default process group and are plain copies without one, so the
+same evaluation code serves one process and many. torch is imported where it is used: the module stays
+importable without it (`cxrdist.report` reads run folders).
 """
 
 from __future__ import annotations
@@ -116,3 +120,91 @@ def is_main_launch_process() -> bool:
 def rank_prefix() -> str:
     """`[rank N] ` under a launcher, so that interleaved messages of several ranks say whose they are."""
     return f"[rank {os.environ.get('RANK', '0')}] " if "WORLD_SIZE" in os.environ else ""
+
+
+# ------------------------------------------------------------------------------ gathers (evaluation)
+
+# dtypes `gather_rows` can send: its shape header names one by its index here.
+_GATHER_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8")
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _comm_device(t):
+    """Where tensor `t` must live for the default process group's backend."""
+    import torch
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend())
+    if backend == "nccl":  # CUDA tensors only
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo":  # CPU always works; CUDA support depends on the build and the collective
+        return torch.device("cpu")
+    return t.device  # "cpu:gloo,cuda:nccl" and other backends take the tensor where it is
+
+
+def all_reduce_sum(t):
+    """The element-wise sum of tensor `t` over all ranks, on `t`'s device; `t` itself is left unchanged.
+
+    Every rank must call it, with the same shape and dtype. A plain copy without a process group.
+    """
+    if not _distributed():
+        return t.clone()
+    import torch.distributed as dist
+
+    x = t.to(_comm_device(t), copy=True)
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x.to(t.device)
+
+
+def gather_rows(t):
+    """Rows ``(N_r, ...)`` of every rank, concatenated in rank order, on every rank, on `t`'s device.
+
+    Ranks may hold different numbers of rows, zero included (pass an empty tensor of the right trailing
+    shape). Rows are padded to the longest rank for the collective and trimmed after, so nothing is
+    duplicated or lost. Every rank must call it. A plain copy without a process group.
+    """
+    if not _distributed():
+        return t.clone()
+    import torch
+    import torch.distributed as dist
+
+    dtype_name = str(t.dtype).removeprefix("torch.")
+    if t.dim() == 0 or t.dim() > 8 or dtype_name not in _GATHER_DTYPES:
+        raise ValueError(
+            f"gather_rows takes (N, ...) tensors of up to 8 dims, got {tuple(t.shape)} {t.dtype}"
+        )
+    device = _comm_device(t)
+    x = t.to(device)
+    world = dist.get_world_size()
+    # Shapes first: a rank with a different trailing shape or dtype fails loudly on every rank.
+    header = [t.dim(), _GATHER_DTYPES.index(dtype_name), *t.shape, *([0] * (8 - t.dim()))]
+    meta = torch.tensor(header, device=device)
+    metas = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta)
+    metas_cpu = [m.cpu() for m in metas]
+    layouts = {(int(m[0]), int(m[1]), tuple(m[3:].tolist())) for m in metas_cpu}
+    if len(layouts) != 1:
+        raise ValueError(f"gather_rows: ranks disagree on trailing shape or dtype: {sorted(layouts)}")
+    sizes = [int(m[2]) for m in metas_cpu]
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: t.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(t.device)
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's list (of picklable objects, e.g. sample keys), concatenated in rank order, on every
+    rank. Every rank must call it. A plain copy without a process group."""
+    if not _distributed():
+        return list(items)
+    import torch.distributed as dist
+
+    parts: list[list] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]

@@ -16,8 +16,8 @@ so they are the same arrays on every rank and for any number of ranks, and every
 counted exactly once (checked against the manifest). Everything after that is a pure function of the
 scores, computed identically on every rank (the main process writes): probabilities (temperature-scaled
 when the model carries a temperature, averaged with the mirrored image under TTA), the metrics of
-`cxrdist.metrics.summarize`, bootstrap intervals (`cxrdist.uncertainty`), calibration before and after the
-temperature (`cxrdist.calibration`), operating points (`cxrdist.operating_points`).
+`cxrdist.stats.metrics.summarize`, bootstrap intervals (`cxrdist.stats.uncertainty`), calibration before and
+after the temperature (`cxrdist.stats.calibration`), operating points (`cxrdist.stats.operating_points`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ from cxrdist.artifacts import ModelMeta, find_model_dir, load_trained_model
 from cxrdist.augment import eval_transform
 from cxrdist.cli import add_batching, add_model, check_writable_file
 from cxrdist.data import DeviceCache, Manifest, eval_batches, read_manifest, sample_paths, to_device
+from cxrdist.distributed import gather_objects, gather_rows
 from cxrdist.lungs import focus
-from cxrdist.metrics import gather_objects, gather_rows, summarize
+from cxrdist.stats.metrics import summarize
+from cxrdist.stats.registry import HEADLINE
 from shard_tools.cli import non_negative_int, run_main
 from shard_tools.errors import CxrdistError, InputError
 from shard_tools.files import atomic_write_json
@@ -167,7 +169,7 @@ def probabilities(scores: SplitScores, temperature: float | None = None, tta: bo
 
     Dividing by T never changes a row's argmax, so accuracy and the confusion matrix do not depend on it.
     """
-    from cxrdist.calibration import apply_temperature
+    from cxrdist.stats.calibration import apply_temperature
 
     t = temperature or 1.0
     probs = apply_temperature(scores.logits, t)
@@ -179,7 +181,7 @@ def probabilities(scores: SplitScores, temperature: float | None = None, tta: bo
 
 
 def split_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], probs: np.ndarray) -> dict:
-    """`cxrdist.metrics.summarize` of these probabilities (predictions are their argmax), plus `loss`
+    """`cxrdist.stats.metrics.summarize` of these probabilities (predictions are their argmax), plus `loss`
     (mean negative log-likelihood). Cheap: what the training loop logs every epoch."""
     k = len(classes)
     labels = torch.from_numpy(scores.labels)
@@ -207,7 +209,7 @@ class MetricOptions:
 EvalSettings = ScoringSettings
 Options = MetricOptions
 
-COMPACT = ("accuracy", "balanced_accuracy", "macro_f1")
+COMPACT = HEADLINE  # the metrics `without_tta` keeps
 
 
 def full_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], options: MetricOptions) -> dict:
@@ -219,9 +221,9 @@ def full_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], opti
     `probabilities` (how they were made); with TTA, `without_tta` (the plain view's headline metrics and
     intervals); with subgroups, `subgroups` (per subgroup: metrics and intervals).
     """
-    from cxrdist.calibration import calibration_report
-    from cxrdist.operating_points import operating_points
-    from cxrdist.uncertainty import bootstrap_intervals
+    from cxrdist.stats.calibration import calibration_report
+    from cxrdist.stats.operating_points import operating_points
+    from cxrdist.stats.uncertainty import bootstrap_intervals
 
     probs = probabilities(scores, options.temperature, options.tta)
     metrics = split_metrics(scores, classes, probs)
@@ -258,7 +260,7 @@ def full_metrics(scores: SplitScores, classes: tuple[str, ...] | list[str], opti
 
 def subgroup_metrics(scores: SplitScores, classes, probs: np.ndarray, options: MetricOptions) -> dict:
     """Per subgroup (a hospital, an age band, ...): the full metrics of its samples, with intervals."""
-    from cxrdist.uncertainty import bootstrap_intervals
+    from cxrdist.stats.uncertainty import bootstrap_intervals
 
     names = np.array([options.subgroups.get(key, "(not listed)") for key in scores.keys], dtype=object)
     out = {}
@@ -338,8 +340,8 @@ def write_plots(
     """The confusion matrix, ROC curves with the operating points, and the reliability diagram (before and
     after the temperature) of `full_metrics(scores, classes, options)`, at `paths["confusion" | "roc" |
     "reliability"]`. Returns the files written."""
-    from cxrdist.operating_points import roc_curves
     from cxrdist.plots import plot_confusion, plot_reliability, plot_roc
+    from cxrdist.stats.operating_points import roc_curves
 
     probs = probabilities(scores, options.temperature, options.tta)
     calibration = metrics["calibration"]

@@ -2,14 +2,17 @@
 
 Reads one metrics dict, the JSON written to ``test_metrics.json`` / ``eval_<split>.json``:
 
-- `cxrdist.metrics.summarize` keys (required): ``num_samples``, ``accuracy``, ``balanced_accuracy``,
+- `cxrdist.stats.metrics.summarize` keys (required): ``num_samples``, ``accuracy``, ``balanced_accuracy``,
   ``macro_f1``, ``per_class`` {class: {precision, recall, specificity, f1, roc_auc, support}},
-  ``macro`` / ``weighted`` {precision, recall, specificity, f1, roc_auc}; None prints as "-".
-- ``intervals`` (optional): `cxrdist.uncertainty.bootstrap_intervals` output, the same nesting with
+  ``macro`` / ``weighted`` {precision, recall, specificity, f1, roc_auc}; None prints as "-". Metric
+  names and labels come from `cxrdist.stats.registry`.
+- ``macro_over`` (optional): the classes the macro averages cover; when some class has no samples, a
+  footnote under the table says which are left out.
+- ``intervals`` (optional): `cxrdist.stats.uncertainty.bootstrap_intervals` output, the same nesting with
   ``[low, high]`` or None in place of each value, plus ``settings`` {resamples, seed, level, method}.
   Each value then shows its interval on a second line, ``[0.91, 0.98]`` (2 decimals), and the summary
   line shows them beside accuracy, balanced accuracy and macro F1.
-- ``calibration`` (optional): `cxrdist.calibration.calibration_report` output, {n_bins, temperature,
+- ``calibration`` (optional): `cxrdist.stats.calibration.calibration_report` output, {n_bins, temperature,
   before {ece, brier, nll, bins}, after {...} or None}, optionally with ``temperature_fitted_on`` (the
   split name). Printed as one line: ECE and Brier, before -> after temperature scaling.
 
@@ -27,7 +30,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-COLUMNS = ("precision", "recall", "specificity", "f1", "roc_auc")
+from cxrdist.stats.registry import AVERAGES, CLASS_METRICS, HEADLINE, label
+
+COLUMNS = tuple(m.key for m in CLASS_METRICS)
 WIDTH = 110  # columns the table is laid out for (104 with intervals)
 
 
@@ -55,8 +60,8 @@ def metrics_table(metrics: dict, classes: Sequence[str], title: str = "") -> Tab
     intervals = metrics.get("intervals") or {}
     table = Table(title=title or None, title_justify="left")
     table.add_column("class")
-    for col in COLUMNS:
-        table.add_column(col, justify="right")
+    for m in CLASS_METRICS:
+        table.add_column(m.short, justify="right")
     table.add_column("support", justify="right")
     for name in classes:
         row = metrics["per_class"][name]
@@ -64,25 +69,27 @@ def metrics_table(metrics: dict, classes: Sequence[str], title: str = "") -> Tab
         table.add_row(Text(name), *(_cell(row[c], ci.get(c)) for c in COLUMNS), str(row["support"]))
     table.add_section()
     total = str(metrics["num_samples"])
-    for avg in ("macro", "weighted"):
+    for avg, avg_label in AVERAGES.items():
         row, ci = metrics[avg], intervals.get(avg, {})
-        table.add_row(f"{avg} avg", *(_cell(row.get(c), ci.get(c)) for c in COLUMNS), total, style="bold")
+        table.add_row(avg_label, *(_cell(row.get(c), ci.get(c)) for c in COLUMNS), total, style="bold")
     return table
 
 
 def summary_lines(metrics: dict) -> list[str]:
-    """The lines under the table: headline metrics (with intervals), then calibration when present."""
+    """The lines under the table: which classes the macro averages leave out (if any), headline metrics
+    (with intervals), then calibration when present."""
     intervals = metrics.get("intervals") or {}
-    headline = [
-        ("accuracy", "accuracy"),
-        ("balanced accuracy", "balanced_accuracy"),
-        ("macro F1", "macro_f1"),
-    ]
+    headline = [(label(key), key) for key in HEADLINE]
     parts = [
-        f"{label} {_fmt(metrics[key])} {_fmt_interval(intervals.get(key))}".rstrip()
-        for label, key in headline
+        f"{name} {_fmt(metrics[key])} {_fmt_interval(intervals.get(key))}".rstrip() for name, key in headline
     ]
     lines = []
+    left_out = macro_left_out(metrics)
+    if left_out:
+        lines.append(
+            f"macro avg: over the {len(metrics['macro_over'])} classes with samples; left out, no samples "
+            f"in this split: {', '.join(left_out)}"
+        )
     settings = intervals.get("settings")
     if settings:
         lines.append("   ".join(parts))
@@ -108,19 +115,28 @@ def summary_lines(metrics: dict) -> list[str]:
     if plain:  # evaluated with TTA: the plain view beside it, so the user sees whether TTA helps
         plain_intervals = plain.get("intervals") or {}
         parts = [
-            f"{label} {_fmt(plain[key])} {_fmt_interval(plain_intervals.get(key))}".rstrip()
-            for label, key in headline
+            f"{name} {_fmt(plain[key])} {_fmt_interval(plain_intervals.get(key))}".rstrip()
+            for name, key in headline
         ]
         lines.append("without TTA: " + "   ".join(parts))
     subgroups = metrics.get("subgroups")
     for name, sub in (subgroups or {}).items():
         sub_intervals = sub.get("intervals") or {}
         parts = [
-            f"{label} {_fmt(sub[key])} {_fmt_interval(sub_intervals.get(key))}".rstrip()
-            for label, key in headline
+            f"{name} {_fmt(sub[key])} {_fmt_interval(sub_intervals.get(key))}".rstrip()
+            for name, key in headline
         ]
         lines.append(f"subgroup {name} (n={sub['num_samples']}): " + "   ".join(parts))
     return lines
+
+
+def macro_left_out(metrics: dict) -> list[str]:
+    """The classes the macro averages leave out because the split has no samples of them, in class order
+    (none when the dict predates ``macro_over``)."""
+    over = metrics.get("macro_over")
+    if over is None:
+        return []
+    return [name for name in metrics["per_class"] if name not in over]
 
 
 def print_metrics_table(metrics: dict, classes: Sequence[str], console: Console, title: str = "") -> None:

@@ -1,4 +1,4 @@
-"""cxrdist.calibration: ECE, Brier and bins against plain numpy; temperature scaling on synthetic models."""
+"""cxrdist.stats.calibration: ECE, Brier and bins against plain numpy; temperature scaling on fake models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrdist.calibration import (
+from cxrdist.stats.calibration import (
     T_MAX,
     T_MIN,
     apply_temperature,

@@ -1,4 +1,4 @@
-"""cxrdist.metrics against scikit-learn on the same predictions, single process."""
+"""cxrdist.stats.metrics against scikit-learn on the same predictions, single process."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from sklearn.metrics import (
 )
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from cxrdist.metrics import all_reduce_sum, confusion_matrix, gather_rows, roc_auc_ovr, summarize
+from cxrdist.distributed import all_reduce_sum, gather_rows
+from cxrdist.stats.metrics import confusion_matrix, roc_auc_ovr, summarize
 
 CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 K = len(CLASSES)
@@ -51,11 +52,19 @@ def check_against_sklearn(metrics: dict, labels: np.ndarray, preds: np.ndarray, 
         has_both = 0 < (labels == i).sum() < len(labels)
         expected_auc = roc_auc_score(labels == i, probs[:, i]) if has_both else None
         assert _close(ours["roc_auc"], expected_auc), (name, ours["roc_auc"], expected_auc)
-    for avg in ("macro", "weighted"):
-        theirs = report[f"{avg} avg"]
+    # Macro averages leave classes without samples out: sklearn's, given only the classes present.
+    present = sorted(set(labels.tolist()))
+    assert metrics["macro_over"] == [CLASSES[i] for i in present]
+    over_present = classification_report(
+        labels, preds, labels=present, zero_division=np.nan, output_dict=True
+    )
+    for avg, theirs in (("macro", over_present["macro avg"]), ("weighted", report["weighted avg"])):
         assert _close(metrics[avg]["precision"], theirs["precision"]), (avg, metrics[avg], theirs)
         assert _close(metrics[avg]["recall"], theirs["recall"])
         assert _close(metrics[avg]["f1"], theirs["f1-score"])
+    specificities = [metrics["per_class"][CLASSES[i]]["specificity"] for i in present]
+    defined = [v for v in specificities if v is not None]
+    assert _close(metrics["macro"]["specificity"], float(np.mean(defined)) if defined else None)
     assert metrics["macro_f1"] == metrics["macro"]["f1"]
     assert metrics["weighted_f1"] == metrics["weighted"]["f1"]
     if len(np.unique(labels)) == K:  # sklearn's multi-class AUC needs every class present
@@ -100,6 +109,10 @@ def test_zero_support_class_is_null_not_nan():
         "roc_auc": None,
     }
     assert metrics["macro"]["recall"] == pytest.approx((0.5 + 1 + 0.5) / 3)  # over the 3 defined classes
+    # The absent class's trivial specificity of 1.0 is not averaged in (issue 21; with it: 0.875).
+    spec = [metrics["per_class"][c]["specificity"] for c in CLASSES[:3]]
+    assert metrics["macro"]["specificity"] == pytest.approx(sum(spec) / 3) and sum(spec) / 3 < 0.87
+    assert metrics["macro_over"] == list(CLASSES[:3])
     check_against_sklearn(metrics, labels.numpy(), preds.numpy(), probs.numpy())
 
 

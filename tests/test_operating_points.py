@@ -1,4 +1,4 @@
-"""cxrdist.operating_points: ROC curves against sklearn, chosen thresholds against a brute force."""
+"""cxrdist.stats.operating_points: ROC curves against sklearn, chosen thresholds against a brute force."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from cxrdist.operating_points import TARGETS, operating_points, roc_curve, roc_curves
-from cxrdist.uncertainty import resample_indices
+from cxrdist.stats.operating_points import TARGETS, operating_points, roc_curve, roc_curves
+from cxrdist.stats.uncertainty import resample_indices
 
 CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 K = len(CLASSES)

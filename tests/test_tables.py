@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from cxrdist.calibration import calibration_report, fit_temperature
-from cxrdist.metrics import confusion_matrix, summarize
+from cxrdist.stats.calibration import calibration_report, fit_temperature
+from cxrdist.stats.metrics import confusion_matrix, summarize
+from cxrdist.stats.registry import CLASS_METRICS
+from cxrdist.stats.uncertainty import bootstrap_intervals
 from cxrdist.tables import WIDTH, metrics_table, print_metrics_table, summary_lines
-from cxrdist.uncertainty import bootstrap_intervals
 
 CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 K = len(CLASSES)
@@ -49,6 +50,9 @@ def test_plain_table_is_unchanged_without_intervals():
             and str(row["support"]) in line
         )
     assert "[" not in text  # no intervals to show
+    assert "left out" not in text  # every class has samples: no footnote
+    header = next(ln for ln in lines if ln.startswith("┃ class "))
+    assert [c.strip() for c in header.split("┃")[2:-2]] == [m.short for m in CLASS_METRICS]
     assert lines[-1] == (
         f"accuracy {metrics['accuracy']:.4f}   balanced accuracy {metrics['balanced_accuracy']:.4f}   "
         f"macro F1 {metrics['macro_f1']:.4f}   samples {metrics['num_samples']}"
@@ -91,6 +95,13 @@ def test_undefined_values_and_missing_intervals_print_as_dashes():
     # precision and f1 undefined (never predicted, no support), specificity 1, AUC undefined, support 0
     assert cells == ["-", "-", "1.0000", "-", "-", "0"]
     assert "[1.00, 1.00]" in lines[absent + 1]  # specificity is defined in every resample
+    # The macro averages leave it out, and the line under the table says so (issue 21).
+    footnote = "macro avg: over the 3 classes with samples; left out, no samples in this split: "
+    assert footnote + "Viral Pneumonia" in lines
+    assert max(map(len, lines)) <= WIDTH
+    macro = next(ln for ln in lines if ln.startswith("│ macro avg "))
+    present = [metrics["per_class"][c]["specificity"] for c in CLASSES[:3]]
+    assert f"{sum(present) / 3:.4f}" in macro  # macro specificity without the absent class's 1.0
     # Calibration without a temperature: the "before" values alone.
     metrics["calibration"] = calibration_report(logits, labels)
     assert summary_lines(metrics)[-1] == (

@@ -1,4 +1,4 @@
-"""cxrdist.uncertainty: the stratified bootstrap against sklearn on the same resamples, and its intervals."""
+"""cxrdist.stats.uncertainty: the stratified bootstrap against sklearn on the same resamples, intervals."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from sklearn.metrics import (
 )
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-import cxrdist.uncertainty as unc
-from cxrdist.metrics import confusion_matrix, summarize
-from cxrdist.uncertainty import (
+import cxrdist.stats.uncertainty as unc
+from cxrdist.stats.metrics import confusion_matrix, summarize
+from cxrdist.stats.registry import CLASS_KEYS, SUMMARY_KEYS
+from cxrdist.stats.uncertainty import (
     bootstrap_intervals,
     bootstrap_metrics,
     percentile_interval,
@@ -98,7 +99,7 @@ def test_bootstrap_distribution_equals_sklearn_on_the_same_indices():
         # Macro and weighted precision, specificity, ROC-AUC: summarize's rules on the resampled arrays.
         s = _summary(p, y)
         for avg in ("macro", "weighted"):
-            for m in unc.CLASS_METRICS:
+            for m in CLASS_KEYS:
                 expected = s[avg][m]
                 assert _same(dist[avg][m][r], np.nan if expected is None else expected), (avg, m)
     assert 0 < undefined < 50  # the case really exercises undefined values
@@ -112,25 +113,25 @@ def test_identity_resample_reproduces_summarize():
     def check(ours, theirs):
         assert _same(float(ours), np.nan if theirs is None else theirs), (ours, theirs)
 
-    for m in unc.SUMMARY_METRICS:
+    for m in SUMMARY_KEYS:
         check(dist[m][0], s[m])
     for k, name in enumerate(CLASSES):
-        for m in unc.CLASS_METRICS:
+        for m in CLASS_KEYS:
             check(dist["per_class"][m][0, k], s["per_class"][name][m])
     for avg in ("macro", "weighted"):
-        for m in unc.CLASS_METRICS:
+        for m in CLASS_KEYS:
             check(dist[avg][m][0], s[avg][m])
 
 
 def _intervals_and_points(intervals: dict, summary: dict):
     """Every (interval, point estimate) pair of the two dicts, by the same keys."""
-    for m in unc.SUMMARY_METRICS:
+    for m in SUMMARY_KEYS:
         yield m, intervals[m], summary[m]
     for name in CLASSES:
-        for m in unc.CLASS_METRICS:
+        for m in CLASS_KEYS:
             yield f"{name}.{m}", intervals["per_class"][name][m], summary["per_class"][name][m]
     for avg in ("macro", "weighted"):
-        for m in unc.CLASS_METRICS:
+        for m in CLASS_KEYS:
             yield f"{avg}.{m}", intervals[avg][m], summary[avg][m]
 
 
@@ -150,10 +151,10 @@ def test_intervals_contain_the_estimate_and_shrink_with_more_samples():
         results[n] = intervals
     small, large = results[200], results[2000]
     # Ten times the samples: about sqrt(10) = 3.2 times narrower.
-    for m in unc.SUMMARY_METRICS:
+    for m in SUMMARY_KEYS:
         assert _width(large[m]) < _width(small[m]) / 2, m
     for name in CLASSES:
-        for m in unc.CLASS_METRICS:
+        for m in CLASS_KEYS:
             assert _width(large["per_class"][name][m]) < _width(small["per_class"][name][m]) / 1.8, (name, m)
 
 
