@@ -33,6 +33,7 @@ from cxrdist.config import load_config
 from cxrdist.evaluate import Options, SplitScores, full_metrics, probabilities, split_metrics
 from cxrdist.report import fmt, fmt_interval, main, read_run, render_report, write_report
 from cxrdist.train import config_toml
+from cxrdist.uncertainty import bootstrap_intervals
 from shard_tools.cli import run_main
 from shard_tools.errors import EXIT_OK, EXIT_USAGE
 from shard_tools.files import atomic_write_json, atomic_write_text
@@ -161,6 +162,89 @@ PNGS = (
     "reliability_test.png",
     "gradcam/gradcam_grid_test.png",
 )
+
+AUDIT_VARIANTS = (
+    ("intact", "as they are", "the test images unchanged"),
+    ("lungs_hidden", "lungs hidden", "both lung fields flat grey"),
+    ("lungs_only", "only the lungs visible", "everything but the lungs flat grey"),
+    ("border_only", "only the border visible", "only a 12% frame left"),
+)
+
+
+def occluded_metrics(classes, signal: float, n: int = 240, seed: int = 0) -> dict:
+    """One variant's M as audit.json holds it (contracts): `split_metrics` plus `bootstrap_intervals`
+    of fake scores whose class signal is `signal` (1.2: as intact; 0: chance)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(classes), n)
+    logits = 3 * (rng.normal(size=(n, len(classes))) + signal * np.eye(len(classes))[labels])
+    scores = SplitScores(tuple(map(str, range(n))), labels, logits.astype(np.float32))
+    probs = probabilities(scores)
+    metrics = split_metrics(scores, classes, probs)
+    metrics["intervals"] = bootstrap_intervals(probs, labels, classes, resamples=200, seed=0)
+    return json.loads(json.dumps(metrics))
+
+
+def audit_report(classes=CLASSES, *, flagged: bool = True, sources: dict | None = None) -> dict:
+    """audit.json following /work/notes/contracts.md exactly, written by hand until cxrdist.audit's own
+    output is used here: `flagged` keeps a class signal with the lungs hidden (a shortcut), otherwise
+    the occluded variants sit at chance. `sources`: per-source names -> signal."""
+    signals = {"intact": 1.2, "lungs_hidden": 0.8 if flagged else 0.0, "lungs_only": 1.0}
+    signals["border_only"] = 0.9 if flagged else 0.0
+    k = len(classes)
+    line = (
+        "Shortcut suspected: with the lungs hidden the model still tells the classes apart."
+        if flagged
+        else "No shortcut found: with the lungs hidden the model is at chance."
+    )
+    return {
+        "split": "test",
+        "num_samples": 240,
+        "classes": list(classes),
+        "classes_scored": list(classes),
+        "mask_source": "template",
+        "mask_note": "The shards hold no lung masks: cxrdist.lungs' template (two ellipses) stands in.",
+        "chance": {"balanced_accuracy": 1 / k, "accuracy": 0.27},
+        "margin": 0.10,
+        "intervals": {
+            "method": "stratified percentile bootstrap",
+            "resamples": 200,
+            "seed": 0,
+            "level": 0.95,
+        },
+        "variants": {
+            key: {
+                "title": title,
+                "description": text,
+                "metrics": occluded_metrics(classes, signals[key], seed=i),
+            }
+            for i, (key, title, text) in enumerate(AUDIT_VARIANTS)
+        },
+        "verdict": {
+            "shortcut_suspected": flagged,
+            "line": line,
+            "reasons": ["balanced accuracy with the lungs hidden: its interval is above chance + 0.10"]
+            if flagged
+            else [],
+        },
+        "visible_region": {
+            "fraction": 0.64,
+            "note": "The last pool keeps the top-left 8x8 of an 11x11 map.",
+            "image": "audit_visible.png",
+        },
+        "gradcam": {"inside_share_mean": 0.7, "region": "template"},
+        "per_source": (
+            {name: occluded_metrics(classes, signal, n=60, seed=9) for name, signal in sources.items()}
+            if sources
+            else None
+        ),
+        "provenance": {"cxrdist_version": "0.1.0"},
+    }
+
+
+def add_audit(run: Path, report: dict) -> None:
+    atomic_write_json(run / "audit.json", report)
+    pil_png(run / "audit_visible.png", (120, 120, 120), size=(64, 64))
+    pil_png(run / "audit_examples.png", (90, 90, 90), size=(256, 64))
 
 
 def make_run(root: Path, classes=CLASSES, *, metrics: dict | None = None, real_plots: bool = False) -> Path:
@@ -535,6 +619,164 @@ def test_cli_regenerates_and_rejects_what_is_not_a_finished_run(tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert message in err and str(folder) in err and "\n" not in err, err
         assert not (folder / "report.html").exists() or folder == run
+
+
+# ----------------------------------------------------------------------- the audit and the first screen
+
+
+def test_audit_section_shows_variants_with_intervals_where_images_go_and_the_verdict(tmp_path):
+    run = make_run(tmp_path / "run")
+    audit = audit_report(sources={"https://a.example/<x>": 1.0, "site B": 0.2})
+    add_audit(run, audit)
+    page = write_report(run).read_text()
+    parsed = Page(page)
+    assert parsed.errors == []
+    ids = [s["id"] for s in parsed.all("section")]
+    assert ids[:3] == ["summary", "audit", "data"]  # near the top
+    line = audit["verdict"]["line"]
+    header = page[: page.index("<nav>")]  # the first screen: the verdict a reader cannot miss
+    assert 'class="verdict flagged" id="verdict"' in header and line in header
+
+    section_html = section(page, "audit")
+    assert f'<p class="verdict flagged" id="audit-verdict">{line}</p>' in section_html
+    assert audit["verdict"]["reasons"][0].replace("+", "+") in section_html
+    for key, title, _ in AUDIT_VARIANTS:
+        m = audit["variants"][key]["metrics"]
+        cells = row(section_html, "data-variant", key)
+        assert title in cells
+        values = re.findall(r'<span class="v">([^<]*)</span>', cells)
+        recalls = [fmt(m["per_class"][c]["recall"]) for c in CLASSES]
+        assert values == [
+            fmt(m["accuracy"]),
+            fmt(m["balanced_accuracy"]),
+            fmt(m["macro"]["roc_auc"]),
+            *recalls,
+        ]
+        for interval in (m["intervals"]["balanced_accuracy"], m["intervals"]["per_class"]["COVID"]["recall"]):
+            assert fmt_interval(interval) in cells
+        # Shaded: balanced accuracy above chance + margin without the lungs (not for the intact images).
+        flagged = m["intervals"]["balanced_accuracy"][0] > 0.25 + 0.10
+        assert ('class="num flag"' in cells) == (flagged and key in ("lungs_hidden", "border_only"))
+    assert 'class="num flag"' in row(section_html, "data-variant", "lungs_hidden")
+    assert re.findall(r'<td class="num">([^<]*)</td>', row(section_html, "data-variant", "chance"))[:3] == [
+        "0.2700", "0.2500", "0.5000"
+    ]  # fmt: skip
+
+    # Where the occluded images go: one small confusion matrix per variant, counts as in audit.json.
+    matrices = re.findall(r'<table class="cm" data-variant="([^"]+)">(.*?)</table>', section_html, re.S)
+    assert [key for key, _ in matrices] == [key for key, *_ in AUDIT_VARIANTS]
+    for key, html in matrices:
+        counts = [int(n) for n in re.findall(r'<td class="num"[^>]*>(\d+)</td>', html)]
+        assert counts == [n for r in audit["variants"][key]["metrics"]["confusion_matrix"] for n in r]
+
+    # The visible region, the examples, the Grad-CAM share beside, the mask note and the sources.
+    files = [a["data-file"] for a in parsed.all("img")]
+    assert "audit_visible.png" in files and "audit_examples.png" in files
+    assert "depends on 64% of the image" in section_html
+    assert "<strong>70.0%</strong> of the heat-map mass lies inside the lungs" in section_html
+    assert "template (two ellipses) stands in" in section_html
+    hostile = row(section_html, "data-source", "https://a.example/&lt;x&gt;")
+    m = audit["per_source"]["https://a.example/<x>"]
+    assert f'<span class="v">{fmt(m["balanced_accuracy"])}</span>' in hostile and ">60<" in hostile
+
+    # The model card cites the measured numbers, not only generic text.
+    card = section(page, "model-card")
+    hidden = audit["variants"]["lungs_hidden"]["metrics"]
+    interval = fmt_interval(hidden["intervals"]["balanced_accuracy"])
+    assert f"lungs hidden: balanced accuracy {fmt(hidden['balanced_accuracy'])} {interval}" in card
+    assert line in card
+
+
+def test_clean_audit_reads_clear_and_a_missing_audit_says_how_to_run_it(tmp_path):
+    run = make_run(tmp_path / "run")
+    page = write_report(run).read_text()
+    assert 'class="verdict unknown" id="verdict"' in page and "Not tested" in page
+    audit_html = section(page, "audit")
+    assert f"<code>python -m cxrdist.audit {run} --shards SHARDS</code>" in audit_html
+    assert "<table" not in audit_html
+    assert "Not measured: the shortcut audit was not run" in section(page, "model-card")
+
+    add_audit(run, audit_report(flagged=False))
+    page = write_report(run).read_text()
+    assert 'class="verdict clear" id="verdict"' in page and "No shortcut found" in page
+    assert 'class="num flag"' not in section(page, "audit")
+
+    (run / "audit.json").write_text('{"split": ')  # damaged: named, and the section says not run
+    page = write_report(run).read_text()
+    assert "<code>audit.json</code> could not be read" in page and "Not tested" in page
+
+
+@pytest.mark.parametrize(
+    ("source", "kind", "title", "says", "never"),
+    [
+        (
+            "/work/demo_out/synthetic",
+            "synthetic",
+            "resnet18 trained on synthetic radiographs",
+            "No patient's image is in them",
+            ("COVID-19 Radiography Database", "paediatric", "Kaggle"),
+        ),
+        (
+            "/data/COVID-19_Radiography_Dataset.zip",
+            "database",
+            "resnet18 trained on the COVID-19 Radiography Database",
+            "(Kaggle), packed from <code>/data/COVID-19_Radiography_Dataset.zip</code>",
+            ("shard_tools.synth",),
+        ),
+        (
+            "/data/hospital_a",
+            "folder",
+            "resnet18 trained on images from hospital_a",
+            "packed from <code>/data/hospital_a</code>",
+            ("COVID-19 Radiography Database", "paediatric", "shard_tools.synth"),
+        ),
+    ],
+)
+def test_first_screen_and_model_card_say_what_data_they_show(tmp_path, source, kind, title, says, never):
+    run = make_run(tmp_path / "run")
+    atomic_write_json(run / "manifest.json", manifest(source=source))
+    page = write_report(run).read_text()
+    header = page[: page.index("<nav>")]
+    assert f"<title>{title}</title>" in page and f"<h1>{title}</h1>" in header
+    statement = re.search(r'id="data-statement" data-kind="(\w+)">(.*?)</div>', header, re.S)
+    assert statement and statement.group(1) == kind and says in statement.group(2)
+    assert "4 classes (COVID, Lung_Opacity, Normal, Viral Pneumonia); 240 test images" in statement.group(2)
+    card = section(page, "model-card")
+    for text in never:
+        assert text not in card
+    assert "cxrdist run report" not in page
+
+
+def test_metrics_file_from_evaluate_puts_tta_results_on_the_page(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    evaluated = run_metrics(tta=True) | {
+        "split": "test",
+        "shards": "/data/shards",
+        "model": str(run / "best"),
+    }
+    evaluated.pop("best_epoch")
+    atomic_write_json(run / "best" / "eval_test.json", evaluated)
+    pil_png(run / "best" / "eval_test_roc.png", (1, 2, 3))
+
+    page = write_report(run).read_text()  # training's numbers, and a pointer to evaluate's
+    assert 'id="tta"' not in page
+    note = re.search(r'<p class="muted" data-evaluation="best/eval_test.json">(.*?)</p>', page, re.S)
+    assert note and "with test-time augmentation" in note.group(1)
+    assert "python -m cxrdist.report RUN_DIR --metrics best/eval_test.json" in note.group(1)
+
+    assert run_main(main, [str(run), "--metrics", str(run / "best" / "eval_test.json")]) == EXIT_OK
+    page = (run / "report.html").read_text()
+    assert 'data-evaluation="' not in page
+    assert "Test results from <code>best/eval_test.json</code>, written by" in section(page, "summary")
+    cells = row(section(page, "tta"), "data-metric", "accuracy")
+    assert fmt(evaluated["accuracy"]) in cells and fmt(evaluated["without_tta"]["accuracy"]) in cells
+    assert fmt(evaluated["accuracy"]) in row(page, "data-metric", "accuracy")
+    files = [a["data-file"] for a in Page(page).all("img")]
+    assert "best/eval_test_roc.png" in files and "roc_test.png" not in files  # evaluate's own plots
+    assert "<code>best/eval_test_confusion.png</code>: not written by this run" in page
+
+    assert run_main(main, [str(run), "--metrics", str(tmp_path / "none.json")]) == EXIT_USAGE
+    assert "none.json: no such file" in capsys.readouterr().err
 
 
 @pytest.mark.slow

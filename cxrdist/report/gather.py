@@ -56,6 +56,9 @@ HEADLINE = (
 )
 # The demo's folder of `shard_tools.synth` output (cxrdist.demo packs OUT/synthetic).
 SYNTHETIC_FOLDER = "synthetic"
+# cxrdist.audit's variants in its order (audit.json is written with sorted keys); others follow, as given.
+AUDIT_ORDER = ("intact", "lungs_hidden", "lungs_only", "border_only")
+LUNGS_OUT_OF_SIGHT = ("lungs_hidden", "border_only")  # above chance here: the model needs no lungs
 DATABASE_MARK = "covid-19_radiography"  # the Kaggle zip's and folder's name, any case
 
 # ------------------------------------------------------------------------------------------- the data
@@ -370,7 +373,9 @@ def gather_audit(run: RunRecord) -> dict[str, Any]:
     classes = [c for c in audit.get("classes") or run.classes]
     scored = [c for c in audit.get("classes_scored") or classes]
     variants = []
-    for key, v in (audit.get("variants") or {}).items():
+    given = audit.get("variants") if isinstance(audit.get("variants"), dict) else {}
+    for key in [*(k for k in AUDIT_ORDER if k in given), *(k for k in given if k not in AUDIT_ORDER)]:
+        v = given[key]
         m = v.get("metrics") if isinstance(v, dict) else None
         m = m if isinstance(m, dict) else {}
         ci = m.get("intervals") if isinstance(m.get("intervals"), dict) else {}
@@ -395,7 +400,9 @@ def gather_audit(run: RunRecord) -> dict[str, Any]:
     for v in variants:  # shade balanced accuracy that stays above chance without the lungs
         low = (v["cells"][1]["interval"] or [None])[0]
         bar = chance["balanced_accuracy"]
-        v["flag"] = v["key"] != "intact" and is_number(low) and is_number(bar) and low > bar + margin
+        v["flag"] = (
+            v["key"] in LUNGS_OUT_OF_SIGHT and is_number(low) and is_number(bar) and low > bar + margin
+        )
     gradcam = audit.get("gradcam") if isinstance(audit.get("gradcam"), dict) else None
     if gradcam is not None:
         gradcam = {"inside_share_mean": gradcam.get("inside_share_mean"), "region": gradcam.get("region")}
