@@ -21,8 +21,15 @@ from rich.markup import escape
 from shard_tools.errors import EXIT_FAILED, CxrdistError, Terminated, exit_code_for
 
 
+def stdout_console() -> Console:
+    """Where a command prints its results (tables, the files it wrote): long paths stay on one line in a
+    log instead of being wrapped at rich's assumed 80 columns."""
+    return Console(soft_wrap=True)
+
+
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)  # paths stay on one line in logs
+    """Where a command prints its problems: as `stdout_console`, and never highlighted (plain text)."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_problem(
