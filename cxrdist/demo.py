@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from cxrdist.cli import add_overrides
 from cxrdist.config import load_config
-from shard_tools.cli import positive_int, run_main
+from shard_tools.cli import positive_int, run_main, stdout_console
 from shard_tools.errors import EXIT_OK, InputError
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from shard_tools.synth import generate
 
     args = parse_args(argv)
-    console = Console(soft_wrap=True)  # paths stay on one line in logs
+    console = stdout_console()
     out: Path = args.out
     if not RECIPE.is_file():
         raise InputError(f"{RECIPE} not found: run the demo from a cxrdist checkout")

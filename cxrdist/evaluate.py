@@ -39,7 +39,7 @@ from cxrdist.distributed import gather_objects, gather_rows
 from cxrdist.lungs import focus
 from cxrdist.stats.metrics import summarize
 from cxrdist.stats.registry import HEADLINE
-from shard_tools.cli import non_negative_int, run_main
+from shard_tools.cli import non_negative_int, run_main, stdout_console
 from shard_tools.errors import CxrdistError, InputError
 from shard_tools.files import atomic_write_json
 
@@ -355,7 +355,6 @@ def write_plots(
 
 def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
-    from rich.console import Console
 
     from cxrdist.tables import print_metrics_table
 
@@ -397,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             kind: out.with_name(f"{out.stem}_{kind}.png") for kind in ("confusion", "roc", "reliability")
         }
         written = [out, *write_plots(metrics, scores, options, manifest.classes, plots, title)]
-        console = Console(soft_wrap=True)  # paths stay on one line in logs
+        console = stdout_console()
         print_metrics_table(
             metrics, manifest.classes, console, title=f"{args.split} split of {manifest.source}"
         )

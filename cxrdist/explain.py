@@ -31,7 +31,7 @@ from cxrdist.data import eval_batches, read_manifest
 from cxrdist.evaluate import check_compatible
 from cxrdist.lungs import focus
 from cxrdist.models import gradcam_target_layer
-from shard_tools.cli import positive_int, print_problem, run_main
+from shard_tools.cli import positive_int, print_problem, run_main, stdout_console
 from shard_tools.errors import EXIT_FAILED, EXIT_OK, InputError
 from shard_tools.files import atomic_write_bytes, atomic_write_json
 from shard_tools.images import ImageError, load_gray
@@ -216,7 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(soft_wrap=True)
+    console = stdout_console()
     if not args.inputs and not args.shards:
         raise InputError("give images or folders to explain, or --shards for a per-class grid")
     check_writable_file(args.out / "explain_summary.json", "--out")  # before any work

@@ -97,6 +97,7 @@ from cxrdist.rundir import (  # noqa: E402
     write_run_header,
 )
 from cxrdist.runtime import configure_device, keep_freed_memory, make_accelerator  # noqa: E402, F401
+from shard_tools.cli import stdout_console  # noqa: E402
 from shard_tools.errors import EXIT_OK, CxrdistError, InputError  # noqa: E402
 from shard_tools.files import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -532,7 +533,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
 
 def fit(run: Run, resume: bool) -> None:
     """The epochs, then the test split with the best weights."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     cfg, acc = run.cfg, run.accelerator
@@ -572,7 +572,7 @@ def fit(run: Run, resume: bool) -> None:
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
-        console=Console(soft_wrap=True),  # paths stay on one line in logs
+        console=stdout_console(),
         disable=not acc.is_main_process,
     )
     metric_name = cfg.train.best_metric
@@ -649,8 +649,6 @@ def calibrate(run: Run) -> float:
 def finish_outputs(run: Run, state: TrainState, test: SplitScores, temperature: float | None) -> None:
     """test_metrics.json, plots, the Grad-CAM grid and report.html; print the result table and every file
     written, the report last. Main process only."""
-    from rich.console import Console
-
     from cxrdist.plots import plot_curves
     from cxrdist.tables import print_metrics_table
 
@@ -672,7 +670,7 @@ def finish_outputs(run: Run, state: TrainState, test: SplitScores, temperature: 
         *write_plots(metrics, test, options, classes, plots, title),
         plot_curves(read_metrics_rows(run_dir), run_dir / CURVES_PNG),
     ]
-    console = Console(soft_wrap=True)  # paths stay on one line in logs
+    console = stdout_console()
     print_metrics_table(metrics, classes, console, title=f"test split (best epoch {state.best_epoch})")
     if cfg.eval.gradcam_per_class and state.best_epoch:
         written.append(gradcam(run))
