@@ -2,8 +2,8 @@
 
     python -m shard_tools.pack SRC OUT [--size 128] [--split 0.7,0.15,0.15] [--seed 0] [--shard-size 1000]
         [--max-shard-mb 256] [--min-shards 16] [--workers N] [--classes A,B,...] [--max-skipped 0.01]
-        [--duplicates group|drop] [--groups FILE.csv [--ungrouped error|own-group]] [--no-masks] [--force]
-        [--no-progress]
+        [--duplicates group|drop] [--groups FILE.csv | --groups-from-sheets [--ungrouped error|own-group]]
+        [--no-masks] [--force] [--no-progress]
 
 Input (`shard_tools.sources`): SRC is a folder holding one folder per class, in either of the database's
 layouts, `SRC/<Class>/*.png` or `SRC/<Class>/images/*.png` (lung masks in `<Class>/masks/`); or the zip Kaggle
@@ -37,7 +37,11 @@ folder or a folder of shards (`shard_tools.outdir`). Exit codes: 0 done, 1 writi
 Splits (`shard_tools.splits`) are stratified per class, and images with identical pixels stay in one
 split, so a duplicate never leaks from train into val or test (`--duplicates drop` keeps only one of each
 set). `--groups FILE.csv` (`shard_tools.groups`) keeps each patient, study or hospital whole inside one
-split, and prints how far the class shares moved from the requested fractions.
+split, and prints how far the class shares moved from the requested fractions. `--groups-from-sheets` takes
+the groups from the database's own `<Class>.metadata.xlsx` beside the class folders (in the zip too): each
+source URL is a group, so a source never spans two splits. A flag rather than `--groups FILE.xlsx`: the
+database ships one sheet per class, inside the zip, so SRC already says where they are, and nothing needs
+extracting or listing. Each sample's `.json` then records its `group` (and, from sheets, its `source`).
 """
 
 from __future__ import annotations
@@ -73,13 +77,15 @@ from rich.progress import (
 
 from shard_tools import __version__, images
 from shard_tools.cli import non_negative_int, positive_int, run_main
-from shard_tools.errors import InputError
+from shard_tools.errors import CxrdistError, InputError
 from shard_tools.groups import (
+    SHEET_SUFFIX,
     GroupTable,
     join_groups,
     missing_error,
     missing_images,
     read_groups,
+    read_sheets,
     unmatched_warning,
 )
 from shard_tools.images import IMAGE_SUFFIXES
@@ -102,8 +108,10 @@ from shard_tools.sources import (
     close_archives,
     find_class_dirs,
     find_masks,
+    find_sheets,
     list_sources,
     open_tree,
+    read_file,
     read_image_bytes,
 )
 from shard_tools.splits import assign_group_splits, assign_splits, share_table
@@ -121,6 +129,11 @@ _out = Console(highlight=False)
 
 class PackError(InputError):
     """The input or the options cannot give a valid dataset; the message says what to change (exit 2)."""
+
+
+class TooManySkipped(CxrdistError):
+    """More of SRC's files could not be used than --max-skipped allows: the run failed (exit 1, as for
+    every unreadable image in the README's table), naming the first few."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +198,7 @@ def _read_inputs(src: Path, opts: PackOptions) -> Inputs:
             f"classes found, pass --classes {found}"
         )
     sources, skipped = list_sources(tree, class_dirs, opts.classes)
+    skipped += _unlisted_images(tree)
     per_class = Counter(s.class_name for s in sources)
     for c, d in class_dirs.items():
         if per_class[c] == 0:
@@ -192,9 +206,12 @@ def _read_inputs(src: Path, opts: PackOptions) -> Inputs:
     if not sources:
         raise PackError(f"no images in {where}: its class folders hold no {'/'.join(IMAGE_SUFFIXES)} files")
     table = None
-    if opts.groups is not None:
+    if opts.groups is not None or opts.groups_from_sheets:
         rels = [s.rel for s in sources]
-        table = read_groups(opts.groups, rels)
+        if opts.groups is not None:
+            table = read_groups(opts.groups, rels)
+        else:
+            table = _read_sheets(tree, sources, opts.classes)
         if table.unmatched_rows:
             _warn(unmatched_warning(table))
         missing = missing_images(table, rels)
@@ -204,6 +221,22 @@ def _read_inputs(src: Path, opts: PackOptions) -> Inputs:
     if opts.masks:
         sources, masks = _attach_masks(tree, class_dirs, sources)
     return Inputs(tree, sources, skipped, table, masks)
+
+
+def _read_sheets(tree: Tree, sources: list[Source], classes: Sequence[str]) -> GroupTable:
+    """--groups-from-sheets: the groups (source URLs) from each class's metadata sheet in SRC."""
+    rels_by_class: dict[str, list[str]] = defaultdict(list)
+    for s in sources:
+        rels_by_class[s.class_name].append(s.rel)
+    found = find_sheets(tree, classes, SHEET_SUFFIX)
+    lacking = [c for c in classes if rels_by_class.get(c) and c not in found]
+    if lacking:
+        raise PackError(
+            f"--groups-from-sheets: no metadata sheet for class {lacking[0]!r} in {tree.describe()} "
+            f"(expected {lacking[0] + SHEET_SUFFIX!r} beside the class folders, as the database ships them)"
+        )
+    sheets = [(tree.describe(rel), c, read_file(tree, rel)) for c, rel in found.items()]
+    return read_sheets(sheets, rels_by_class, tree.describe())
 
 
 def _attach_masks(tree: Tree, class_dirs: dict[str, str], sources: list[Source]) -> tuple[list[Source], bool]:
@@ -228,6 +261,23 @@ def _attach_masks(tree: Tree, class_dirs: dict[str, str], sources: list[Source])
         )
         return sources, False
     return with_masks, True
+
+
+def _unlisted_images(tree: Tree) -> list[dict[str, str]]:
+    """Warn about the members a damaged zip's central directory omits; its images, as skipped records."""
+    if not tree.unlisted:
+        return []
+    more = f" (and {len(tree.unlisted) - 5} more)" if len(tree.unlisted) > 5 else ""
+    _warn(
+        f"{tree.src} stores {len(tree.unlisted)} member(s) that its central directory does not list (a "
+        f"damaged zip: download it again); they cannot be read: {', '.join(tree.unlisted[:5])}{more}"
+    )
+    reason = "not listed in the zip's central directory (a damaged zip)"
+    return [
+        {"path": name.removeprefix(tree.root), "reason": reason}
+        for name in tree.unlisted
+        if name.lower().endswith(IMAGE_SUFFIXES)
+    ]
 
 
 def _check_overlap(src: Path, out: Path, src_is_zip: bool) -> None:
@@ -314,14 +364,19 @@ def _padded(n: int) -> int:
     return -(-n // _TAR_BLOCK) * _TAR_BLOCK
 
 
-def _sample_record(src: Source, packed: Packed) -> tuple[bytes, bytes]:
-    """The sample's `.cls` and `.json` members (see `shard_tools.schema`)."""
+def _sample_record(src: Source, packed: Packed, table: GroupTable | None = None) -> tuple[bytes, bytes]:
+    """The sample's `.cls` and `.json` members (see `shard_tools.schema`); `table`: the groups, if any."""
     record = {
         "class": src.class_name,
         "orig_size": list(packed.orig_size),
         "path": src.rel,
         "pixel_sha256": packed.pixel_sha256,
     }
+    group = None if table is None else table.groups.get(src.rel)
+    if group is not None:  # an image the groups do not name (--ungrouped own-group) records none
+        record["group"] = group
+        if table.sheets:
+            record["source"] = group  # a sheet's group is the source URL
     meta = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return str(src.label).encode("ascii"), meta
 
@@ -407,6 +462,7 @@ class PackOptions:
     groups: Path | None = None
     ungrouped: str | None = None
     masks: bool = True  # store the input's lung masks, when it has them
+    groups_from_sheets: bool = False  # groups: the source URLs of SRC's <Class>.metadata.xlsx
 
     def check(self) -> None:
         """Raise `PackError` naming the option and the allowed values."""
@@ -430,8 +486,10 @@ class PackOptions:
             raise PackError(f"--max-skipped is a fraction in [0, 1], got {self.max_skipped}")
         if self.duplicates not in ("group", "drop"):
             raise PackError(f"--duplicates must be 'group' or 'drop', got {self.duplicates!r}")
-        if self.ungrouped is not None and self.groups is None:
-            raise PackError("--ungrouped only applies with --groups FILE.csv")
+        if self.groups is not None and self.groups_from_sheets:
+            raise PackError("give --groups FILE.csv or --groups-from-sheets, not both")
+        if self.ungrouped is not None and self.groups is None and not self.groups_from_sheets:
+            raise PackError("--ungrouped only applies with --groups FILE.csv or --groups-from-sheets")
         if self.ungrouped is not None and self.ungrouped not in UNGROUPED_CHOICES:
             raise PackError(
                 f"--ungrouped must be one of {', '.join(UNGROUPED_CHOICES)}, got {self.ungrouped!r}"
@@ -454,6 +512,7 @@ def pack(
     duplicates: str = "group",
     groups: Path | str | None = None,
     ungrouped: str | None = None,
+    groups_from_sheets: bool = False,
     masks: bool = True,
     force: bool = False,
     progress: bool = True,
@@ -474,7 +533,8 @@ def pack(
         duplicates: "group" keeps identical images in one split; "drop" keeps one of each set.
         groups: a CSV of `file,group` rows; every group stays whole inside one split (`shard_tools.groups`).
         ungrouped: with `groups`, what an image the CSV does not name is: "error" (the default) or
-            "own-group" (a group of its own).
+            "own-group" (a group of its own); the same for `groups_from_sheets`.
+        groups_from_sheets: every source URL of SRC's metadata sheets is a group (`groups.read_sheets`).
         masks: store each image's lung mask when SRC has them (`<Class>/masks/`; see the module docstring).
         force: replace a non-empty OUT, if it holds only shards and their manifest.
         progress: show progress bars.
@@ -498,6 +558,7 @@ def pack(
         groups=None if groups is None else Path(groups),
         ungrouped=ungrouped,
         masks=masks,
+        groups_from_sheets=groups_from_sheets,
     )
     opts.check()
     if workers is not None and workers < 1:
@@ -535,7 +596,7 @@ def _pack_into(
             raise PackError(f"no image in {inputs.tree.describe()} could be read ({len(skipped)} skipped)")
         image_size = _common_size(kept, packed, opts.size)
         plan = _plan_splits(kept, packed, opts, inputs.groups)
-        splits = _write_splits(tmp, kept, packed, plan.split_of, spill, opts, pool, bar)
+        splits = _write_splits(tmp, kept, packed, plan.split_of, spill, opts, pool, bar, inputs.groups)
     spill.unlink()
     _report_duplicates(plan.duplicates, opts.duplicates)
     manifest = {
@@ -637,12 +698,15 @@ def _plan_splits(
                 names_of[component[i]].add(name)
         plan.group_names = [sorted(s) for s in in_split]
         plan.groups_summary = {
-            "file": str(Path(table.file).resolve()),
+            # Sheets: the folder (or zip folder) holding them, as `tree.describe` gives it, absolute.
+            "file": table.file if table.sheets else str(Path(table.file).resolve()),
             "sha256": table.sha256,
             "ungrouped": opts.ungrouped or "error",
             "own_groups": sum(name is None for name in names),
             "joined_by_duplicates": sorted(sorted(n) for n in names_of.values() if len(n) > 1),
         }
+        if table.sheets:
+            plan.groups_summary["sheets"] = list(table.sheets)
     for g in dup_sets:
         record = {
             "pixel_sha256": packed[g[0]].pixel_sha256,
@@ -665,8 +729,10 @@ def _write_splits(
     opts: PackOptions,
     pool: WorkerPool | None,
     bar: Progress,
+    table: GroupTable | None = None,
 ) -> dict[str, Any]:
-    """Write every split's shards into `tmp`; return the manifest's `splits`."""
+    """Write every split's shards into `tmp`; return the manifest's `splits`. `table`: the groups, recorded
+    in each sample's `.json`."""
     jobs, entries = [], []
     splits: dict[str, Any] = {}
     for si, split_name in enumerate(SPLITS):
@@ -676,7 +742,7 @@ def _write_splits(
         records = [
             (
                 kept[i].key,
-                *_sample_record(kept[i], packed[i]),
+                *_sample_record(kept[i], packed[i], table),
                 packed[i].offset,
                 packed[i].length,
                 packed[i].mask_length,
@@ -689,6 +755,11 @@ def _write_splits(
         counts = shard_counts(sizes, opts.shard_size, opts.max_shard_bytes, min_shards)
         if not idx and opts.split[si] > 0:
             _warn(f"{split_name} is empty: too few images per class for a {opts.split[si]:g} share")
+        elif not idx and split_name != "train":
+            _warn(
+                f"{split_name} is empty (--split gives it 0): training needs val images to choose the best "
+                "epoch and test images to report on, and refuses these shards"
+            )
         elif idx and len(counts) < min_shards:
             _warn(
                 f"{split_name} has only {len(idx)} images, so {len(counts)} shards, fewer than "
@@ -726,6 +797,8 @@ def _equivalent_command(
         cmd += ["--classes", ",".join(opts.classes)]
     if opts.groups is not None:
         cmd += ["--groups", str(opts.groups), "--ungrouped", opts.ungrouped or "error"]
+    if opts.groups_from_sheets:
+        cmd += ["--groups-from-sheets", "--ungrouped", opts.ungrouped or "error"]
     if not opts.masks:
         cmd += ["--no-masks"]
     return cmd + (["--force"] if force else [])
@@ -752,13 +825,15 @@ def _check_skipped(skipped: list[dict[str, str]], n_candidates: int, max_skipped
     if not skipped:
         return
     share = len(skipped) / n_candidates
+    if share > max_skipped:
+        shown = "; ".join(f"{d['path']}: {' '.join(d['reason'].split())}" for d in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise TooManySkipped(
+            f"{len(skipped)} of {n_candidates} files ({share:.1%}) could not be used, more than "
+            f"--max-skipped {max_skipped:.1%}: {shown}{more}. Fix or remove them, or raise --max-skipped"
+        )
     shown = "\n".join(f"  {d['path']}: {d['reason']}" for d in skipped[:10])
     more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-    if share > max_skipped:
-        raise PackError(
-            f"{len(skipped)} of {n_candidates} files ({share:.1%}) could not be used, more than "
-            f"--max-skipped {max_skipped:.1%}:\n{shown}{more}\nFix or remove them, or raise --max-skipped."
-        )
     _warn(f"skipped {len(skipped)} of {n_candidates} files (listed in the manifest):\n{shown}{more}")
 
 
@@ -896,10 +971,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV with columns file,group (patient, study, hospital): each group stays in one split",
     )
     ap.add_argument(
+        "--groups-from-sheets",
+        action="store_true",
+        help="each source URL in SRC's <Class>.metadata.xlsx is a group (the database's sheets)",
+    )
+    ap.add_argument(
         "--ungrouped",
         choices=UNGROUPED_CHOICES,
         default=None,
-        help="with --groups, images the CSV does not name: an error (default) or each its own group",
+        help="images the groups CSV (or sheets) do not name: an error (default) or each its own group",
     )
     ap.add_argument(
         "--no-masks",
@@ -931,6 +1011,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         duplicates=args.duplicates,
         groups=args.groups,
         ungrouped=args.ungrouped,
+        groups_from_sheets=args.groups_from_sheets,
         masks=not args.no_masks,
         force=args.force,
         progress=not args.no_progress,

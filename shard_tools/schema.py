@@ -44,9 +44,13 @@ bucket is still valid: readers resolve shard URLs against the URL the manifest w
 name of the packer's own pattern, ``{split}-NNNNNN.tar`` (`SHARD_FILE`): never a path, so a manifest can
 neither point a reader outside the shard folder nor smuggle shell syntax into a ``pipe:`` command.
 
-Optional, written by ``pack --groups FILE.csv`` only (leakage-safe splits, `shard_tools.groups`)::
+Optional, written by ``pack --groups FILE.csv`` or ``--groups-from-sheets`` only (leakage-safe splits,
+`shard_tools.groups`)::
 
-    groups: {file: str (the CSV, absolute), sha256: str (of its bytes), ungrouped: "error" | "own-group",
+    groups: {file: str (the CSV, absolute; from sheets: the folder, or zip:folder/, holding them),
+             sheets: [str, ...] (from sheets only: each sheet read; a group is then a source URL),
+             sha256: str (of the CSV's bytes; of the sheets' sha256 digests, in order),
+             ungrouped: "error" | "own-group",
              own_groups: int (images the CSV did not name, each a group of its own),
              joined_by_duplicates: [[name, ...], ...] (CSV groups joined because they share an image)}
     splits.<split>.groups: [name, ...]   the CSV's group names whose images are in that split, sorted

@@ -284,6 +284,41 @@ def find_masks(
     return out, orphans
 
 
+def find_sheets(tree: Tree, class_names: Sequence[str], suffix: str) -> dict[str, str]:
+    """Each class's metadata sheet beside the class folders, `<Class><suffix>` matched like a class folder
+    (case, space and underscore ignored): class -> rel. Classes without one are absent."""
+    wanted = {normalize_class_name(c): c for c in class_names}
+    found: dict[str, str] = {}
+    try:
+        names = tree.file_names("")
+    except OSError as e:
+        raise InputError(f"SRC {tree.describe()} cannot be read: {e.strerror or e}") from None
+    for name in names:
+        if not name.lower().endswith(suffix):
+            continue
+        c = wanted.get(normalize_class_name(name[: -len(suffix)]))
+        if c is not None and c in found:
+            raise InputError(f"both {found[c]!r} and {name!r} in {tree.describe()} are sheets of class {c!r}")
+        if c is not None:
+            found[c] = name
+    return found
+
+
+def read_file(tree: Tree, rel: str) -> bytes:
+    """The bytes of the regular file (or zip member) at `rel`, at most `MAX_MEMBER_BYTES`. Raises
+    `InputError` naming it when it cannot be read."""
+    archive, name = tree.locate(rel)
+    try:
+        if archive:
+            return read_image_bytes(archive, name)
+        path = Path(name)
+        if not path.is_file() or path.stat().st_size > MAX_MEMBER_BYTES:
+            raise OSError(f"not a regular file of at most {MAX_MEMBER_BYTES} bytes")
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{tree.describe(rel)} cannot be read: {e.strerror or e}") from None
+
+
 def assign_keys(items: Sequence[tuple[str, str]]) -> list[str]:
     """Unique keys for (class name, path relative to the class's image folder), aligned with `items`.
 

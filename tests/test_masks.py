@@ -305,13 +305,13 @@ def test_old_shards_without_masks_and_new_ones_with_them_load_alike(synth_masked
     write_shards(tmp_path / "old", {"train": [3, 2]}, image_size=8)
     assert "masks" not in json.loads((tmp_path / "old" / MANIFEST_NAME).read_text())
     old = read_manifest(str(tmp_path / "old"))
-    assert old.has_masks is False
+    assert has_masks(old.data) is False
     batches = list(eval_batches(old, "train", batch_size=4, rank=0, world_size=1, num_workers=0))
     assert sum(len(b[1]) for b in batches) == 5
 
     pack(synth_masked, tmp_path / "new", **OPTS)
     new = read_manifest(str(tmp_path / "new"))
-    assert new.has_masks is True
+    assert has_masks(new.data) is True
     batches = list(eval_batches(new, "train", batch_size=8, rank=0, world_size=1, num_workers=0))
     images = torch.cat([b[0] for b in batches])
     assert images.shape == (16, 1, 32, 32) and images.dtype == torch.uint8
