@@ -322,7 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     manifest = read_manifest(args.out)
     console.print(
-        summary_table(manifest, f"{args.out}: OK ({manifest['image_size']} px, every image decoded)")
+        summary_table(
+            manifest,
+            f"{args.out}: OK ({manifest['image_size']} px, every image "
+            + ("and lung mask decoded)" if has_masks(manifest) else "decoded)"),
+        )
     )
     return 0
 

@@ -315,3 +315,16 @@ def test_old_shards_without_masks_and_new_ones_with_them_load_alike(synth_masked
     batches = list(eval_batches(new, "train", batch_size=8, rank=0, world_size=1, num_workers=0))
     images = torch.cat([b[0] for b in batches])
     assert images.shape == (16, 1, 32, 32) and images.dtype == torch.uint8
+
+
+def test_verify_cli_says_it_checked_the_masks(synth_masked, tmp_path, capsys):
+    from shard_tools.verify import main as verify_main
+
+    pack(synth_masked, tmp_path / "a", **OPTS)
+    pack(synth_masked, tmp_path / "b", masks=False, **OPTS)
+    capsys.readouterr()
+    assert run_main(verify_main, [str(tmp_path / "a"), "--workers", "1"]) == 0
+    assert "every image and lung mask decoded" in " ".join(capsys.readouterr().out.split())
+    assert run_main(verify_main, [str(tmp_path / "b"), "--workers", "1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "every image decoded" in out and "lung mask" not in out
