@@ -87,7 +87,10 @@ def add_inputs(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files named directly (any suffix) plus image files found under folders; and inputs that are missing."""
+    """Files named directly (any suffix) plus image files found under folders; and inputs that are missing.
+
+    Each file once, where it is first met: `predict x.png .` (a folder holding x.png) or a symlink to a file
+    also named does not predict it twice (compared by resolved path)."""
     files, missing = [], []
     for item in inputs:
         path = Path(item)
@@ -97,7 +100,24 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
             files.append(path)
         else:
             missing.append((item, "no such file or directory"))
-    return files, missing
+    seen: set[Path] = set()
+    unique = []
+    for path in files:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    return unique, missing
+
+
+def refuse_existing(paths: Sequence[Path], force: bool, what: str = "--out") -> None:
+    """No-clobber (README, "Exit codes"): a command replaces files that already exist only with `--force`.
+    `paths`: every file the command is about to write. Call it before any long work."""
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more file(s) it would write)" if len(existing) > 1 else ""
+        raise InputError(
+            f"{existing[0]} already exists{more}; pass --force to replace, or choose another {what}"
+        )
 
 
 def add_batching(p: argparse.ArgumentParser, batch_size: int, workers: int | None = None) -> None:

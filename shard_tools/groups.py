@@ -27,10 +27,11 @@ Identical images (same pixels, found while packing) join one group with everythi
 (`read_sheets`): ``<Class>.metadata.xlsx`` beside the class folders (in the zip too), one row per image
 with its file name and the URL of the source it came from. Each source URL is a group, so every image of
 a source lands in one split and a test split can hold sources never seen in training. The first worksheet
-is read; its first non-empty row is the header. Header spelling is free as to case, spaces, underscores,
-hyphens and dots: the file column is the first of ``FILE NAME`` / ``file`` / ``image`` / ``name``, the
-source the first of ``URL`` / ``source`` / ``link``. A row's file name matches an image of the sheet's
-class by name or by stem, case ignored (the database lists ``NORMAL-1`` for ``Normal/images/Normal-1.png``).
+is read; its header is the first of its first ten rows that names both columns (a title row may sit above
+it). Header spelling is free as to case, spaces, underscores, hyphens and dots: the file column is the
+first of ``FILE NAME`` / ``file`` / ``image`` / ``name``, the source the first of ``URL`` / ``source`` /
+``link``. A row's file name matches an image of the sheet's class by name or by stem, case ignored (the
+database lists ``NORMAL-1`` for ``Normal/images/Normal-1.png``).
 The rules follow the CSV's: a row naming no image is a warning (the sheets may cover more of the database
 than SRC holds), an image with no row or an empty URL is ungrouped (``--ungrouped``), an image with two
 URLs is an error. A sheet none of whose rows names an image of its class is an error (the wrong sheet, or
@@ -196,11 +197,17 @@ _SHEETS = "--groups-from-sheets"
 # Accepted headers after `_header_key`, in order of preference.
 _FILE_HEADERS = ("filename", "file", "imagename", "image", "name")
 _URL_HEADERS = ("url", "sourceurl", "source", "link")
+_HEADER_ROWS = 10  # the header is looked for in this many first rows
 
 
 def _header_key(cell: Any) -> str:
     """`FILE NAME`, `File_Name`, `file-name` -> `filename`."""
     return "".join(ch for ch in str(cell or "").lower() if ch not in " _-.\t")
+
+
+def _is_header(row: Sequence[Any]) -> bool:
+    keys = {_header_key(c) for c in row}
+    return bool(keys & set(_FILE_HEADERS)) and bool(keys & set(_URL_HEADERS))
 
 
 def _cell(value: Any) -> str:
@@ -269,9 +276,12 @@ def read_sheets(
     for label, class_name, data in sheets:
         digest.update(hashlib.sha256(data).digest())
         title, rows = _sheet_rows(label, data)
-        first = next((i for i, r in enumerate(rows) if any(_cell(c) for c in r)), None)
-        if first is None:
+        filled = [i for i, r in enumerate(rows[:_HEADER_ROWS]) if any(_cell(c) for c in r)]
+        if not filled:
             raise InputError(f"{_SHEETS}: {label} (worksheet {title!r}) is empty")
+        # The header is the first row naming both columns (a title row may sit above it), else the first
+        # non-empty row, whose missing column the error then names.
+        first = next((i for i in filled if _is_header(rows[i])), filled[0])
         header = [_cell(c) for c in rows[first]]
         col_file = _column(label, title, header, first + 1, _FILE_HEADERS, "file-name")
         col_url = _column(label, title, header, first + 1, _URL_HEADERS, "source URL")

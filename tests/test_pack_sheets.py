@@ -212,3 +212,11 @@ def test_a_missing_class_folder_suggests_classes_with_those_found(synth_src, tmp
     assert "no folder for class" not in capsys.readouterr().err
     manifest = json.loads((tmp_path / "out3" / MANIFEST_NAME).read_text())
     assert manifest["classes"] == ["COVID", "Normal", "Viral Pneumonia"]
+
+
+def test_a_title_row_above_the_header_is_skipped(synth_src, tmp_path):
+    src = _database(tmp_path / "db", synth_src)
+    rows = [("",), HEADER, *[(f"COVID-{i}", "PNG", "", _source("COVID", i)) for i in range(1, 13)]]
+    _sheet(src / "COVID.metadata.xlsx", rows, header=("COVID-19 Radiography Database: COVID",))
+    pack(src, tmp_path / "out", groups_from_sheets=True, **OPTS)
+    assert _records(tmp_path / "out")["COVID/images/COVID-7.png"][1]["source"] == _source("COVID", 7)
