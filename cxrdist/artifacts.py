@@ -2,11 +2,12 @@
 loading it, and the provenance every output records (cxrdist version, git commit, torch version).
 
 Contract of meta.json (`ModelMeta`): model name and input channels, class names in label order, image size,
-normalisation, the preprocessing it was trained with (`preprocess.lung_focus`, absent = "off"), and, once
-training has calibrated it, `calibration.temperature`. A model is only ever used with it, and it is
-checked on load (`cxrdist.metadata`: well-formed fields, as many classes as the weights have outputs, an
-image size the network takes). The folder is written through `shard_tools.files` (a temporary folder, then
-a rename), so a crash or a full disk never leaves a half-written model that looks complete.
+normalisation, the preprocessing it was trained with (`preprocess.lung_focus`, absent = "off"), the
+precision it was validated and tested in (`mixed_precision`: "no", "bf16" or "fp16"; absent = "no"),
+and, once training has calibrated it, `calibration.temperature`. A model is only ever used with it, and
+it is checked on load (`cxrdist.metadata`: well-formed fields, as many classes as the weights have
+outputs, an image size the network takes). The folder is written through `shard_tools.files` (a temporary
+folder, then a rename), so a crash or a full disk never leaves a half-written model that looks complete.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from shard_tools.files import atomic_write_json, replace_dir, staging_dir
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # meta.json mixed_precision: "no" = fp32
 
 
 class ArtifactError(CxrdistError):
@@ -86,6 +88,9 @@ class ModelMeta:
     temperature: float | None  # calibration.temperature, fitted on the validation split; None: none fitted
     data: dict[str, Any]  # the whole meta.json
     lung_focus: str = "off"  # preprocess.lung_focus (cxrdist.lungs.focus); absent in older models: "off"
+    # The precision training validated and tested the model in ("no" = fp32, "bf16", "fp16"): evaluate's
+    # default, so that one model gives one set of numbers. Absent in older models: "no".
+    mixed_precision: str = "no"
 
     @staticmethod
     def from_dict(data: dict[str, Any], source: str) -> ModelMeta:
@@ -100,6 +105,7 @@ class ModelMeta:
                 temperature=check_temperature((data.get("calibration") or {}).get("temperature"), source),
                 data=data,
                 lung_focus=(data.get("preprocess") or {}).get("lung_focus", "off"),
+                mixed_precision=data.get("mixed_precision", "no"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ModelDirError(f"{source}: not a cxrdist meta.json (missing or bad field {e})") from None
@@ -107,6 +113,11 @@ class ModelMeta:
             raise ModelDirError(f"{source}: normalization needs {meta.in_chans} means and stds (in_chans)")
         if not all(math.isfinite(v) for v in meta.mean) or not all(0 < v < math.inf for v in meta.std):
             raise ModelDirError(f"{source}: normalization needs finite means and positive stds")
+        if meta.mixed_precision not in MIXED_PRECISIONS:
+            raise ModelDirError(
+                f"{source}: mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got "
+                f"{meta.mixed_precision!r:.40}"
+            )
         if meta.lung_focus not in FOCUS_MODES:
             raise ModelDirError(
                 f"{source}: preprocess.lung_focus must be one of {', '.join(FOCUS_MODES)}, got "
@@ -122,6 +133,7 @@ def model_meta(
     image_size: int,
     training: dict[str, Any],
     lung_focus: str = "off",
+    mixed_precision: str = "no",
 ) -> dict[str, Any]:
     """meta.json of a newly trained model: the writer's side of `ModelMeta.from_dict`. The fields it reads
     (model, classes in label order, image size, the normalisation `in_chans` implies), then `training`
@@ -135,6 +147,7 @@ def model_meta(
         "image_size": image_size,
         "normalization": {"mean": list(mean), "std": list(std), "input": "uint8 gray / 255"},
         "preprocess": {"lung_focus": lung_focus},  # cxrdist.lungs.focus, before the normalisation
+        "mixed_precision": mixed_precision,  # what validation and the test ran in: evaluate's default
         **training,
         "provenance": provenance(),
     }

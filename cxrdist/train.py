@@ -468,6 +468,7 @@ def best_meta(run: Run, epoch: int, val_metrics: dict) -> dict:
         manifest.image_size,
         training,
         lung_focus=run.cfg.data.lung_focus,
+        mixed_precision=run.mixed_precision,  # eval_settings' autocast: evaluate's default
     )
 
 
@@ -658,6 +659,7 @@ def finish_outputs(run: Run, state: TrainState, test: SplitScores, temperature: 
     )
     metrics = full_metrics(test, classes, options)
     out = {**metrics, "best_epoch": state.best_epoch, "split": "test", "provenance": provenance()}
+    out["precision"] = {"mixed_precision": run.mixed_precision}  # as evaluate writes it
     atomic_write_json(run_dir / TEST_METRICS_FILE, out)
     title = f"test, best epoch {state.best_epoch}"
     plots = {

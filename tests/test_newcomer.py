@@ -231,3 +231,175 @@ def test_predict_with_tampered_meta_is_one_line_exit_2(
     assert run_main(predict.main, [str(model_dir), str(image)]) == 2
     err = capsys.readouterr().err
     assert "image_size" in one_line(err) and "meta.json" in err
+
+
+# ----------------------------------------------- 21.8 / 22.11: no unasked overwrites, no repeats
+
+
+def gray_png(path: Path, value: int = 128) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((40, 40), value, np.uint8)).save(path)
+    return path
+
+
+def test_predict_file_and_its_folder_predicts_it_once(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    from cxrdist import predict
+    from shard_tools.cli import run_main
+
+    folder = tmp_path / "xrays"
+    a, b = gray_png(folder / "a.png", 100), gray_png(folder / "b.png", 200)
+    (folder / "link.png").symlink_to(a)
+    assert run_main(predict.main, [str(model_dir), str(a), str(folder), "--json"]) == 0
+    paths = [r["path"] for r in json.loads(capsys.readouterr().out)]
+    assert paths == [str(a), str(b)]
+
+
+def test_evaluate_refuses_an_existing_out_and_its_plots_without_force(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from cxrdist import evaluate
+    from shard_tools.cli import run_main
+
+    notes = tmp_path / "notes.json"
+    notes.write_text("my notes")
+    args = [str(model_dir), "--shards", str(tmp_path / "no-shards"), "--out", str(notes)]
+    assert run_main(evaluate.main, args) == 2
+    assert "notes.json already exists" in one_line(capsys.readouterr().err)
+    assert notes.read_text() == "my notes"
+    notes.unlink()
+    (tmp_path / "notes_roc.png").write_text("my picture")
+    assert run_main(evaluate.main, args) == 2
+    assert "notes_roc.png already exists" in one_line(capsys.readouterr().err)
+    # With --force the check passes (the run then fails on the missing shards, not on the file).
+    assert run_main(evaluate.main, [*args, "--force"]) == 2
+    assert "already exists" not in capsys.readouterr().err
+
+
+def test_explain_refuses_to_replace_trainings_grid_without_force(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from cxrdist import explain
+    from shard_tools.cli import run_main
+
+    out = tmp_path / "run" / "gradcam"
+    out.mkdir()
+    (out / "gradcam_grid_test.png").write_bytes(b"training's grid")
+    args = [str(model_dir), "--shards", str(tmp_path / "shards"), "--out", str(out)]
+    assert run_main(explain.main, args) == 2
+    assert "gradcam_grid_test.png already exists" in one_line(capsys.readouterr().err)
+    assert (out / "gradcam_grid_test.png").read_bytes() == b"training's grid"
+
+
+def test_explain_images_twice_needs_force_and_keeps_other_files(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from cxrdist import explain
+    from shard_tools.cli import run_main
+
+    image = gray_png(tmp_path / "x.png")
+    out = tmp_path / "cam"
+    assert run_main(explain.main, [str(model_dir), str(image), "--out", str(out)]) == 0
+    (out / "mine.txt").write_text("keep")
+    before = (out / "x_gradcam.png").read_bytes()
+    capsys.readouterr()
+    assert run_main(explain.main, [str(model_dir), str(image), "--out", str(out)]) == 2
+    assert "already exists (and 1 more" in one_line(capsys.readouterr().err)
+    assert (out / "x_gradcam.png").read_bytes() == before
+    assert run_main(explain.main, [str(model_dir), str(image), "--out", str(out), "--force"]) == 0
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_explain_refuses_two_images_that_would_share_an_overlay(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from cxrdist import explain
+    from shard_tools.cli import run_main
+
+    a, b = gray_png(tmp_path / "a" / "x.png"), gray_png(tmp_path / "b" / "x.png")
+    assert run_main(explain.main, [str(model_dir), str(a), str(b), "--out", str(tmp_path / "o")]) == 2
+    assert "would both be drawn to" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "o" / "x_gradcam.png").exists()
+
+
+# --------------------------------------------------- 21.4: one model, one set of numbers
+
+
+def test_evaluate_precision_defaults_to_the_models() -> None:
+    from cxrdist.artifacts import ModelMeta, model_meta
+    from cxrdist.evaluate import eval_precision
+
+    def meta(precision: str) -> ModelMeta:
+        data = model_meta("test_resnet", 3, tuple(CLASSES), SIZE, {}, mixed_precision=precision)
+        return ModelMeta.from_dict(data, "meta.json")
+
+    assert eval_precision("auto", meta("bf16"), cuda=False)[0] == "bf16"
+    assert eval_precision("auto", meta("no"), cuda=True)[0] == "no"
+    assert eval_precision("auto", meta("fp16"), cuda=True)[0] == "fp16"
+    used, why = eval_precision("auto", meta("fp16"), cuda=False)
+    assert used == "no" and "needs a CUDA GPU" in why
+    used, why = eval_precision("no", meta("bf16"), cuda=False)
+    assert used == "no" and "training tested the model in bf16" in why
+
+
+def test_evaluate_mixed_precision_has_help() -> None:
+    import contextlib
+    import io
+
+    from cxrdist.evaluate import parse_args
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = " ".join(text.getvalue().split())
+    assert "--mixed-precision {auto,no,bf16,fp16}" in help_text
+    assert "auto (default) = the one the model was trained" in help_text
+
+
+def test_meta_json_refuses_an_unknown_precision(model_dir: Path) -> None:
+    import torch
+
+    from cxrdist.artifacts import load_trained_model
+    from shard_tools.errors import InputError
+
+    tamper(model_dir, mixed_precision="fp8")
+    with pytest.raises(InputError, match="mixed_precision must be one of no, bf16, fp16"):
+        load_trained_model(model_dir, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_evaluate_repeats_trainings_test_numbers_of_a_bf16_run(train_shards: Path, tmp_path: Path) -> None:
+    """The issue's case: training tested in bf16, evaluate defaulted to fp32 and gave other numbers."""
+    import json
+
+    from launch import fast_overrides, run_module
+
+    run_dir = tmp_path / "run"
+    sets = fast_overrides(run_dir, train_shards, 2, "train.mixed_precision=bf16", "eval.gradcam_per_class=0")
+    res = run_module("cxrdist.train", "recipes/demo.toml", *sets)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run_dir / "best" / "meta.json").read_text())["mixed_precision"] == "bf16"
+    out = tmp_path / "eval.json"
+    shards = ("--shards", train_shards, "--num-workers", "1")
+    res = run_module("cxrdist.evaluate", run_dir, *shards, "--out", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "precision: bf16 autocast (as training validated and tested the model" in res.stdout
+    trained, evaluated = (json.loads(p.read_text()) for p in (run_dir / "test_metrics.json", out))
+    assert trained["precision"] == {"mixed_precision": "bf16"}
+    assert evaluated["precision"] == {"mixed_precision": "bf16", "model_tested_in": "bf16"}
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "loss", "confusion_matrix"):
+        assert evaluated[key] == trained[key], key
+    assert evaluated["macro"] == trained["macro"]
+    assert evaluated["calibration"]["before"]["ece"] == trained["calibration"]["before"]["ece"]
+    # What evaluate did before: fp32 on a bf16-tested model gives other numbers (so the test can fail).
+    fp32 = tmp_path / "fp32.json"
+    res = run_module("cxrdist.evaluate", run_dir, *shards, "--out", fp32, "--mixed-precision", "no")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "training tested the model in bf16 autocast" in res.stdout
+    assert json.loads(fp32.read_text())["loss"] != trained["loss"]
