@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
+    IMAGE_SIZE_PX,
     RECIPES,
     ROOT,
     TUNED_ENV,
@@ -45,6 +46,7 @@ def study_script(data: Dataset, work: Path, epochs: int, batch: int, tuned: bool
         f"--batch-size={batch}",
         f"--workers={workers}",
         f"--json={out_json}",
+        f"--image-size={IMAGE_SIZE_PX}",
     ]
     _res, wall = run_timed(cmd, "benchmarks/baseline_study.py", tuned=tuned)
     study = json.loads(out_json.read_text())

@@ -1,7 +1,7 @@
 """The study's training run in plain PyTorch: the baseline `cxrdist.train` is measured against.
 
     python benchmarks/baseline_study.py TRAIN_DIR TEST_DIR [--epochs 20] [--batch-size 32] [--workers 2]
-                                        [--augment] [--seed 0] [--json OUT]
+                                        [--augment] [--seed 0] [--json OUT] [--image-size 128]
 
 TRAIN_DIR and TEST_DIR are torchvision ImageFolder roots (``<Class>/**/*.png``; class order is the sorted
 folder names, which for the database is cxrdist's label order). What the study did, and nothing more:
@@ -12,6 +12,10 @@ fp32, NCHW; train for --epochs, then test accuracy of the last epoch's weights.
 
 Prints one JSON object on stdout (and writes it to --json): test accuracy, per-epoch seconds, train
 images/s. `benchmarks/run.py` times the whole process from outside, as it does `python -m cxrdist.train`.
+
+Run as a file, as a user runs the study's script, never as ``python -m benchmarks...``: importing the
+`benchmarks` package sets OMP_WAIT_POLICY, which the plain baseline must not get. So it imports nothing
+from `benchmarks` (the image size comes as --image-size), only the installed cxrdist and shard_tools.
 """
 
 from __future__ import annotations
@@ -26,17 +30,15 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
-if __package__ in (None, ""):  # run as `python benchmarks/baseline_study.py`: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import IMAGE_SIZE_PX
 from cxrdist.models import seed_cnn
 from shard_tools.schema import IMAGENET_MEAN, IMAGENET_STD
 
+STUDY_SIZE_PX = 128  # the study's Resize(128); benchmarks pass their IMAGE_SIZE_PX as --image-size
 
-def study_transform(augment: bool) -> transforms.Compose:
-    """PIL image (ImageFolder opens it as RGB) -> float32 (3, 128, 128), ImageNet-normalised."""
-    steps = [transforms.Resize(IMAGE_SIZE_PX)]
+
+def study_transform(augment: bool, size_px: int = STUDY_SIZE_PX) -> transforms.Compose:
+    """PIL image (ImageFolder opens it as RGB) -> float32 (3, S, S), ImageNet-normalised."""
+    steps = [transforms.Resize(size_px)]
     if augment:
         steps += [transforms.RandomRotation(10), transforms.RandomHorizontalFlip()]
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -53,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment", action="store_true", help="the study's rotations and flips")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    p.add_argument("--image-size", type=int, default=STUDY_SIZE_PX, help="Resize() to this many pixels")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    train_set = datasets.ImageFolder(str(args.train_dir), transform=study_transform(args.augment))
-    test_set = datasets.ImageFolder(str(args.test_dir), transform=study_transform(False))
+    train_set = datasets.ImageFolder(
+        str(args.train_dir), transform=study_transform(args.augment, args.image_size)
+    )
+    test_set = datasets.ImageFolder(str(args.test_dir), transform=study_transform(False, args.image_size))
     if train_set.classes != test_set.classes:
         print(f"error: class folders differ: {train_set.classes} vs {test_set.classes}", file=sys.stderr)
         return 1

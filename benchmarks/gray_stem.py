@@ -1,6 +1,6 @@
 """The study CNN on one gray channel against the study's three replicated channels: same function, speed.
 
-    python benchmarks/gray_stem.py [--batch-size 32] [--repeats 7] [--steps 20]
+    python -m benchmarks.gray_stem [--batch-size 32] [--repeats 7] [--steps 20]
 
 `model.in_chans` auto gives seed_cnn a 1-channel first convolution with the per-channel normalisation
 folded into its kernel and bias (`cxrdist.models.fold_rgb_stem`): exactly the function of the study's
@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-
-if __package__ in (None, ""):  # run as `python benchmarks/gray_stem.py`: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     IMAGE_SIZE_PX,

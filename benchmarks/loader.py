@@ -1,6 +1,6 @@
 """Input-pipeline throughput, in images/s, on the same images in one run, with ratios to the baseline.
 
-    python benchmarks/loader.py [--per-class 250] [--src DIR] [--workers 2] [--batch-size 64] [--device cpu]
+    python -m benchmarks.loader [--per-class 250] [--src DIR] [--workers 2] [--batch-size 64] [--device cpu]
 
 Cases, each one epoch over the train split (70% of the images), best of --repeats, interleaved:
 
@@ -31,9 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-if __package__ in (None, ""):  # run as `python benchmarks/loader.py`: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     IMAGE_SIZE_PX,

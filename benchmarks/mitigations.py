@@ -32,9 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run as `python benchmarks/mitigations.py`: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks.common import (
     IMAGE_SIZE_PX,
     ROOT,

@@ -1,6 +1,6 @@
 """Packing throughput with one worker and with all cores, on the same images in one run.
 
-    python benchmarks/pack.py [--per-class 250] [--workers N] [--repeats 2] [--work DIR]
+    python -m benchmarks.pack [--per-class 250] [--workers N] [--repeats 2] [--work DIR]
 
 Draws `--per-class` synthetic radiographs per class at 299 px (as the database), then packs them at
 128 px with `workers=1` (the baseline) and with `--workers` (default: all cores), interleaved, best of
@@ -18,9 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as `python benchmarks/pack.py`: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     IMAGE_SIZE_PX,

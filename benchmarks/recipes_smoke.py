@@ -1,7 +1,7 @@
 """Short runs of the study's recipes on a folder of radiographs: test accuracy and wall time, as markdown.
 
-    python benchmarks/recipes_smoke.py --src ../shared/data/cxr-real-sample/COVID-19_Radiography_Dataset
-    python benchmarks/recipes_smoke.py --synthetic 300      # the synthetic set instead
+    python -m benchmarks.recipes_smoke --src ../shared/data/cxr-real-sample/COVID-19_Radiography_Dataset
+    python -m benchmarks.recipes_smoke --synthetic 300      # the synthetic set instead
 
 Packs SRC at 128 px into a temporary directory, then trains each recipe with `python -m cxrdist.train`
 (one process, CPU or the visible GPU) for a few epochs and prints a table for RESULTS.md. Nothing is
@@ -17,9 +17,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-if __package__ in (None, ""):  # run as `python benchmarks/recipes_smoke.py`: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import IMAGE_SIZE_PX, cpu_model, markdown_table, train_run
 from shard_tools.cli import positive_int, run_main

@@ -6,6 +6,7 @@ machine and its load; BENCHMARKS.md holds real numbers. Values that do not depen
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -81,7 +82,11 @@ def test_gpu_check_quick_runs_the_whole_plan(tmp_path):
     assert "tests/test_cuda.py" in tests["command"]
     if not torch.cuda.is_available():  # every CUDA test collected, and skipped
         assert tests["skipped"] >= 9 and tests["passed"] == 0, tests
-    assert "skipped" in (out.parent / "cuda-tests.log").read_text() or tests["passed"]
+    # The log is pytest's own output: its summary line says what the JSON counts say.
+    summary = (out.parent / "cuda-tests.log").read_text().strip().splitlines()[-1]
+    counted = {"passed": tests["passed"], "skipped": tests["skipped"]}
+    for outcome, count in counted.items():
+        assert (f"{count} {outcome}" in summary) == (count > 0), (summary, tests)
 
     data = results["data"]
     assert data["images"] == 4 * 8 == sum(data["splits"].values()) and data["image_size_px"] == 128
@@ -99,13 +104,21 @@ def test_gpu_check_quick_runs_the_whole_plan(tmp_path):
             e2e = r[name]
             assert f"data.cache={cache}" in e2e["overrides"]
             assert f"train.per_device_batch_size={r['batch_size']}" in e2e["overrides"]
-            assert len(e2e["epoch_images_per_s"]) == 2 and e2e["images_per_s"] == e2e["epoch_images_per_s"][1]
-            assert e2e["share_of_compute"] == pytest.approx(e2e["images_per_s"] / r["compute_images_per_s"])
+            # images/s x seconds = the images an epoch trains on: ceil(train / batch) whole batches.
+            batch, epoch_images = r["batch_size"], math.ceil(data["splits"]["train"] / r["batch_size"])
+            for ips, seconds in zip(e2e["epoch_images_per_s"], e2e["epoch_seconds"], strict=True):
+                assert ips * seconds == pytest.approx(epoch_images * batch, rel=1e-6)
+            assert len(e2e["epoch_images_per_s"]) == 2  # the steady figure leaves the warm-up epoch out:
+            assert e2e["images_per_s"] in e2e["epoch_images_per_s"][1:]  # rules: test_benchmark_rules.py
+            assert e2e["share_of_compute"] > 0
 
     verdicts = results["verdicts"]
     assert len(verdicts) == 4
-    for v in verdicts:
-        assert v["result"] == ("PASS" if v["share_of_compute"] >= v["target"] else "MISS")
+    assert {(v["model"], v["input"]) for v in verdicts} == {
+        (model, name) for model in rows for name in ("device cache", "streaming")
+    }
+    for v in verdicts:  # which result a share earns: test_benchmark_rules.py, on known numbers
+        assert v["result"] in ("PASS", "MISS") and v["target"] in (0.9, 0.7)
         assert f"{v['result']}  {v['model']} {v['input']}:" in res.stdout
 
     full = results["full_epoch"]
@@ -117,11 +130,21 @@ def test_gpu_check_quick_runs_the_whole_plan(tmp_path):
 
 def test_stand_alone_scripts(tmp_path):
     res = run(
-        "benchmarks/pack.py", "--per-class", "6", "--repeats", "1", "--workers", "2", "--work", str(tmp_path)
+        "-m",
+        "benchmarks.pack",
+        "--per-class",
+        "6",
+        "--repeats",
+        "1",
+        "--workers",
+        "2",
+        "--work",
+        str(tmp_path),
     )
     assert "byte-identical across worker counts: yes" in res.stdout and "1 worker (baseline)" in res.stdout
     res = run(
-        "benchmarks/loader.py",
+        "-m",
+        "benchmarks.loader",
         "--per-class",
         "6",
         "--repeats",
