@@ -230,9 +230,14 @@ def test_a_mask_without_its_image_or_of_another_shape_is_one_line_and_exit_2(
 def test_an_unreadable_mask_skips_its_image_like_an_unreadable_image(synth_masked, tmp_path, capsys):
     src = _copy(synth_masked, tmp_path / "db")
     mask_path(src, "COVID", 3).write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    argv = [str(src), str(tmp_path / "out"), "--size", "32", "--min-shards", "1", "--no-progress"]
-    assert run_main(pack_main, argv) == 2  # 1 of 16 is more than the default --max-skipped 1%
+    opts = ["--size", "32", "--min-shards", "1", "--no-progress"]
+    code = run_main(pack_main, [str(src), str(tmp_path / "out"), *opts])  # 1 of 16: over --max-skipped 1%
     assert "COVID/images/COVID-3.png: its lung mask COVID/masks/COVID-3.png" in capsys.readouterr().err
+    # The same exit code and line as an unreadable image gives.
+    other = _copy(synth_masked, tmp_path / "db2")
+    image_path(other, "COVID", 3).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert code != 0 and run_main(pack_main, [str(other), str(tmp_path / "out"), *opts]) == code
+    assert "COVID/images/COVID-3.png: " in capsys.readouterr().err
     manifest = pack(src, tmp_path / "out", max_skipped=0.1, **OPTS)
     assert manifest["masks"] is True and manifest["splits"]["train"]["count"] == 15
     assert [s["path"] for s in manifest["skipped"]] == ["COVID/images/COVID-3.png"]
