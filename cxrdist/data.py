@@ -7,6 +7,8 @@ Data contract of every loader here (host side, before `to_device`):
   device, in `cxrdist.augment`.
 - labels: ``torch.int64`` ``(B,)``, ids into ``manifest.classes`` (``classes[i]`` has label ``i``).
 - keys (evaluation only): ``list[str]`` of the samples' WebDataset keys, unique within a dataset.
+- masks (evaluation with ``masks=True`` only, for shards whose manifest says ``"masks": true``):
+  ``torch.bool`` ``(B, 1, H, W)``, True = lung field, from each sample's ``<key>.mask.png``.
 
 Shards are byte streams from `cxrdist.streams`: local paths, ``http(s)://`` URLs, ``pipe:`` commands. The
 manifest says which shards make up a split; `read_manifest` validates it (`shard_tools.schema`) and
@@ -49,7 +51,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cxrdist.rng import derive_seed
 from cxrdist.streams import DataError, manifest_location, open_url, shard_url
-from shard_tools.schema import ManifestError, parse_manifest
+from shard_tools.schema import MASK_EXT, ManifestError, has_masks, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,11 @@ class Manifest:
     def count(self, split: str) -> int:
         """Number of samples in the split."""
         return int(self._split(split)["count"])
+
+    @property
+    def has_masks(self) -> bool:
+        """Every sample holds its lung mask (``"masks": true``; absent in older manifests: False)."""
+        return has_masks(self.data)
 
     def class_counts(self, split: str) -> list[int]:
         """Samples per class in the split, in label order."""
@@ -146,29 +153,43 @@ def _raw_samples(urls: Iterable[str]) -> Iterator[dict]:
             stream.close()
 
 
-def _decode(sample: dict, image_size: int, num_classes: int) -> tuple[torch.Tensor, int, str]:
-    """One raw sample -> (uint8 (1, H, W), label id, key). Raises ValueError saying what is wrong."""
-    if "png" not in sample or "cls" not in sample:
-        members = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"expected .png and .cls members, found {members}")
+def _gray_png(data: bytes, member: str, image_size: int) -> np.ndarray:
+    """An 8-bit gray PNG member as uint8 (H, W), checked against the manifest's size."""
     try:
-        with Image.open(io.BytesIO(sample["png"])) as im:
+        with Image.open(io.BytesIO(data)) as im:
             if im.mode != "L":
-                raise ValueError(f"expected an 8-bit grayscale (L) PNG, got mode {im.mode}")
+                raise ValueError(f"expected an 8-bit grayscale (L) PNG in .{member}, got mode {im.mode}")
             pixels = np.array(im)  # a writable copy, (H, W) uint8
     except UnidentifiedImageError:
-        raise ValueError("its .png member is not an image PIL can read") from None
+        raise ValueError(f"its .{member} member is not an image PIL can read") from None
     if pixels.shape != (image_size, image_size):
-        raise ValueError(f"image is {pixels.shape[1]}x{pixels.shape[0]} px, the manifest says {image_size}")
+        raise ValueError(
+            f".{member} is {pixels.shape[1]}x{pixels.shape[0]} px, the manifest says {image_size}"
+        )
+    return pixels
+
+
+def _decode(sample: dict, image_size: int, num_classes: int, masks: bool = False) -> tuple:
+    """One raw sample -> (uint8 (1, H, W), label id, key), plus its lung mask bool (1, H, W) when `masks`.
+    Raises ValueError saying what is wrong."""
+    if "png" not in sample or "cls" not in sample or (masks and MASK_EXT not in sample):
+        members = sorted(k for k in sample if not k.startswith("__"))
+        wanted = ".png, .cls and .mask.png" if masks else ".png and .cls"
+        raise ValueError(f"expected {wanted} members, found {members}")
+    pixels = _gray_png(sample["png"], "png", image_size)
     label = int(sample["cls"].decode("ascii").strip())
     if not 0 <= label < num_classes:
         raise ValueError(f"label {label} is outside 0..{num_classes - 1}")
-    return torch.from_numpy(pixels).unsqueeze(0), label, sample["__key__"]
+    item = (torch.from_numpy(pixels).unsqueeze(0), label, sample["__key__"])
+    if masks:  # 255 = lung field, 0 = not (shard_tools.schema); pack binarised it already
+        lung = _gray_png(sample[MASK_EXT], MASK_EXT, image_size) >= 128
+        item += (torch.from_numpy(lung).unsqueeze(0),)
+    return item
 
 
 def _decoded(
-    samples: Iterable[dict], image_size: int, num_classes: int, max_bad: int
-) -> Iterator[tuple[torch.Tensor, int, str]]:
+    samples: Iterable[dict], image_size: int, num_classes: int, max_bad: int, masks: bool = False
+) -> Iterator[tuple]:
     """Decode samples, skipping and logging up to `max_bad` distinct undecodable ones (per worker).
 
     The limit counts distinct (shard, key) pairs seen by this worker: a resampled bad sample drawn twice
@@ -177,7 +198,7 @@ def _decoded(
     bad: set[tuple[str, str]] = set()
     for sample in samples:
         try:
-            item = _decode(sample, image_size, num_classes)
+            item = _decode(sample, image_size, num_classes, masks)
         except Exception as e:
             key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
             if (url, key) not in bad:
@@ -193,17 +214,17 @@ def _decoded(
         yield item
 
 
-def _batches(
-    items: Iterable[tuple[torch.Tensor, int, str]], batch_size: int, partial: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Collate in the worker: (uint8 (B, 1, H, W), int64 (B,), keys)."""
+def _batches(items: Iterable[tuple], batch_size: int, partial: bool) -> Iterator[tuple]:
+    """Collate in the worker: (uint8 (B, 1, H, W), int64 (B,), keys), plus bool (B, 1, H, W) masks when
+    the items carry them."""
     it = iter(items)
     while True:
         chunk = list(islice(it, batch_size))
         if not chunk or (len(chunk) < batch_size and not partial):
             return
-        images, labels, keys = zip(*chunk)
-        yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys)
+        images, labels, keys, *masks = zip(*chunk)
+        batch = (torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys))
+        yield batch + tuple(torch.stack(m) for m in masks)
         if len(chunk) < batch_size:
             return
 
@@ -311,17 +332,24 @@ class _EvalStream(IterableDataset):
     """One rank's evaluation batches over its own shards, split again across workers."""
 
     def __init__(
-        self, urls: list[str], *, image_size: int, num_classes: int, batch_size: int, max_bad_samples: int
+        self,
+        urls: list[str],
+        *,
+        image_size: int,
+        num_classes: int,
+        batch_size: int,
+        max_bad_samples: int,
+        masks: bool = False,
     ):
         super().__init__()
         self.urls = list(urls)
         self.image_size, self.num_classes = image_size, num_classes
-        self.batch_size, self.max_bad_samples = batch_size, max_bad_samples
+        self.batch_size, self.max_bad_samples, self.masks = batch_size, max_bad_samples, masks
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[tuple]:
         worker, num_workers = _worker()
         samples = _raw_samples(self.urls[worker::num_workers])
-        items = _decoded(samples, self.image_size, self.num_classes, self.max_bad_samples)
+        items = _decoded(samples, self.image_size, self.num_classes, self.max_bad_samples, self.masks)
         try:
             yield from _batches(items, self.batch_size, partial=True)
         except DataError as e:
@@ -445,8 +473,11 @@ def eval_batches(
     num_workers: int,
     max_bad_samples: int = 0,
     pin_memory: bool | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """This rank's share of `split` as (uint8 (B, 1, H, W), int64 (B,), keys), B <= `batch_size`.
+    masks: bool = False,
+) -> Iterator[tuple]:
+    """This rank's share of `split` as (uint8 (B, 1, H, W), int64 (B,), keys), B <= `batch_size`; with
+    `masks`, each batch also carries the samples' lung masks, bool (B, 1, H, W) (the manifest must say
+    ``"masks": true``: `Manifest.has_masks`; a sample without one is undecodable).
 
     Shards go to ranks as ``shards[rank::world_size]``, then to workers as ``mine[worker::workers]``: no
     resampling, no padding, so over all ranks and workers each sample is yielded exactly once. A rank
@@ -457,6 +488,8 @@ def eval_batches(
     _check_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"need batch_size >= 1, got {batch_size}")
+    if masks and not manifest.has_masks:
+        raise ValueError(f"{manifest.source}: the manifest does not say its samples hold lung masks")
     mine = manifest.shard_urls(split)[rank::world_size]
     if not mine:
         return
@@ -466,6 +499,7 @@ def eval_batches(
         num_classes=len(manifest.classes),
         batch_size=batch_size,
         max_bad_samples=max_bad_samples,
+        masks=masks,
     )
     # A worker without a shard would only cost a process start.
     yield from _unwrap(_loader(dataset, min(num_workers, len(mine)), pin_memory))
@@ -474,7 +508,13 @@ def eval_batches(
 def sample_paths(manifest: Manifest, split: str) -> dict[str, str]:
     """Each sample's source path as recorded by pack (relative to the packed folder: ``<Class>/...``), by
     key: the provenance members the loaders skip. For joining per-image tables (subgroups) to samples."""
-    paths = {}
+    return {key: str(record["path"]) for key, record in sample_provenance(manifest, split).items()}
+
+
+def sample_provenance(manifest: Manifest, split: str) -> dict[str, dict]:
+    """Each sample's ``.json`` provenance record by key (``path``, and ``group`` / ``source`` when pack
+    recorded them: `shard_tools.schema`). Raises `DataError` for a record without a readable ``path``."""
+    records = {}
     for url in manifest.shard_urls(split):
         stream = open_url(url)
         try:
@@ -483,7 +523,8 @@ def sample_paths(manifest: Manifest, split: str) -> dict[str, str]:
             )
             for sample in group_by_keys(members):
                 try:
-                    paths[sample["__key__"]] = str(json.loads(sample["json"])["path"])
+                    record = json.loads(sample["json"])
+                    records[sample["__key__"]] = {**record, "path": str(record["path"])}
                 except (KeyError, ValueError, TypeError) as e:
                     raise DataError(
                         f"shard {url}: sample {sample.get('__key__')} has no readable .json path ({e})"
@@ -494,7 +535,7 @@ def sample_paths(manifest: Manifest, split: str) -> dict[str, str]:
             raise DataError(f"shard {url}: cannot read it ({_reason(e)}): truncated or corrupt?") from e
         finally:
             stream.close()
-    return paths
+    return records
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

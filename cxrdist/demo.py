@@ -5,12 +5,14 @@
 Needs no download and no GPU: it generates the four-class synthetic dataset (`shard_tools.synth`), packs
 it (`shard_tools.pack`) and trains `recipes/demo.toml` in this process; training ends as every run does:
 the best model is calibrated on the validation split and tested (95% intervals, ROC, reliability), a
-Grad-CAM grid is drawn and `run/report.html` written. Finishes in a few minutes on a 2-core CPU.
+Grad-CAM grid is drawn, the shortcut audit run (`cxrdist.audit`: does the model read the lungs?) and
+`run/report.html` written; the demo ends with the audit's verdict. Finishes in a few minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -65,7 +67,7 @@ def clear_out(out: Path, force: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cxrdist.rundir import REPORT_FILE
+    from cxrdist.rundir import AUDIT_FILE, REPORT_FILE
     from cxrdist.train import train
     from shard_tools.pack import pack
     from shard_tools.synth import generate
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = train(cfg)
     console.rule(f"done in {time.perf_counter() - start:.0f} s")
     console.print(f"open the report: {run_dir / REPORT_FILE}", highlight=False)
+    # The last word is whether the model read the lungs (cxrdist.audit), not its accuracy.
+    console.print(json.loads((run_dir / AUDIT_FILE).read_text())["verdict"]["line"], highlight=False)
     return EXIT_OK
 
 

@@ -1,7 +1,6 @@
 """Grad-CAM: where does the model look? An audit for shortcut learning.
 
     python -m cxrdist.explain RUN_OR_MODEL [IMAGE_OR_DIR...] --out DIR [--shards DIR_OR_URL --per-class N]
-                              [--force]
 
 Models trained on this database are known to learn hospital markers, text and borders instead of lung
 findings (DeGrave et al., Nature Machine Intelligence 2021). For each image this writes the radiograph with
@@ -9,9 +8,6 @@ its Grad-CAM heat map overlaid (for the predicted class), and reports the share 
 outside a central lung box. With `--shards` it also writes a grid of N test images per class and the mean
 outside share per true class. A high share is no proof of a shortcut, and a low one no proof of its
 absence, but a class whose maps sit on corners and edges deserves a look.
-
-Files that `--out` already holds (training's own grid in RUN/gradcam/, an earlier explain) are replaced
-only with `--force`; other files there are never touched.
 """
 
 from __future__ import annotations
@@ -30,20 +26,11 @@ from rich.table import Table
 
 from cxrdist.artifacts import load_trained_model
 from cxrdist.augment import eval_transform
-from cxrdist.cli import (
-    add_device,
-    add_inputs,
-    add_model,
-    check_writable_file,
-    find_images,
-    refuse_existing,
-    resolve_device,
-)
+from cxrdist.cli import add_device, add_inputs, add_model, check_writable_file, find_images, resolve_device
 from cxrdist.data import eval_batches, read_manifest
 from cxrdist.evaluate import check_compatible
-from cxrdist.lungs import focus
+from cxrdist.lungs import focus, template_mask
 from cxrdist.models import gradcam_target_layer
-from cxrdist.rundir import EXPLAIN_SUMMARY
 from shard_tools.cli import positive_int, print_problem, run_main, stdout_console
 from shard_tools.errors import EXIT_FAILED, EXIT_OK, InputError
 from shard_tools.files import atomic_write_bytes, atomic_write_json
@@ -100,6 +87,22 @@ def outside_share(cam: np.ndarray, box: Sequence[float] = LUNG_BOX) -> float:
     return 1.0 - float(cam[y0:y1, x0:x1].sum()) / total
 
 
+def inside_share(cam: np.ndarray, lungs: np.ndarray) -> float | None:
+    """Fraction of the heat map's total mass on the lung fields (`lungs`: bool (H, W)); None for an empty
+    map."""
+    total = float(cam.sum())
+    return float(cam[lungs].sum()) / total if total > 0 else None
+
+
+def lung_fields(masks: torch.Tensor | None, size: int, lung_focus: str) -> np.ndarray:
+    """bool (B, H, W) lung fields as the model saw them: each image's mask (bool (B, 1, H, W)) or, without
+    one, the template, both through the model's lung-focus preprocessing (a "crop" moves the fields)."""
+    if masks is None:
+        masks = template_mask(size, size)[None, None]
+    fields = focus(masks.to(torch.uint8) * 255, lung_focus) >= 128  # outside "mask" focus: FILL < 128
+    return fields[:, 0].cpu().numpy()
+
+
 def _jet(v: np.ndarray) -> np.ndarray:
     """Map [0, 1] to RGB uint8 with the classic jet colormap (no matplotlib needed)."""
     r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
@@ -132,16 +135,6 @@ def _save_png(img: Image.Image, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def overlay_path(out: Path, image: Path) -> Path:
-    """Where `explain_files` writes the overlay of `image`."""
-    return out / f"{image.stem}_gradcam.png"
-
-
-def grid_path(out: Path, split: str) -> Path:
-    """Where `explain_shards` writes its grid of `split`."""
-    return out / f"gradcam_grid_{split}.png"
-
-
 def explain_files(model, meta, files: list[Path], out: Path, device, batch_size: int = 16) -> list[dict]:
     """One overlay PNG per readable file (`out/<stem>_gradcam.png`); returns a record per file."""
     records = []
@@ -161,7 +154,7 @@ def explain_files(model, meta, files: list[Path], out: Path, device, batch_size:
         for path, gray, cam, p in zip(chunk, grays, cams.numpy(), probs.numpy(), strict=True):
             pred = meta.classes[int(p.argmax())]
             share = outside_share(cam)
-            target = overlay_path(out, path)
+            target = out / f"{path.stem}_gradcam.png"
             _save_png(overlay(gray, cam, f"{pred} {p.max():.2f}"), target)
             records.append(
                 {"path": str(path), "predicted": pred, "outside_share": share, "overlay": str(target)}
@@ -175,12 +168,15 @@ def explain_shards(model, meta, shards: str, out: Path, per_class: int, split: s
     check_compatible(meta, manifest)
     k = len(manifest.classes)
     picked: dict[int, list[tuple[np.ndarray, str]]] = {c: [] for c in range(k)}
-    for images, labels, keys in eval_batches(
-        manifest, split, batch_size=64, rank=0, world_size=1, num_workers=0
+    lungs: dict[int, list[torch.Tensor]] = {c: [] for c in range(k)}  # each image's mask, if any
+    for images, labels, keys, *masks in eval_batches(
+        manifest, split, batch_size=64, rank=0, world_size=1, num_workers=0, masks=manifest.has_masks
     ):
-        for img, label, key in zip(images, labels.tolist(), keys, strict=True):
+        for i, (img, label, key) in enumerate(zip(images, labels.tolist(), keys, strict=True)):
             if len(picked[label]) < per_class:
                 picked[label].append((img[0].numpy(), key))
+                if masks:
+                    lungs[label].append(masks[0][i])
         if all(len(v) >= per_class for v in picked.values()):
             break
     size = meta.image_size
@@ -188,28 +184,48 @@ def explain_shards(model, meta, shards: str, out: Path, per_class: int, split: s
     summary: dict[str, dict] = {}
     for c in range(k):
         if not picked[c]:
-            summary[manifest.classes[c]] = {"images": 0, "mean_outside_share": None, "accuracy": None}
+            summary[manifest.classes[c]] = {
+                "images": 0,
+                "mean_outside_share": None,
+                "mean_inside_share": None,
+                "accuracy": None,
+            }
             continue
         stored = torch.from_numpy(np.stack([g for g, _ in picked[c]])).unsqueeze(1).to(device)
         images = focus(stored, meta.lung_focus)
         grays = images[:, 0].cpu().numpy()  # the overlay shows what the model saw
         x = eval_transform(images, meta.in_chans)
         cams, probs = grad_cam(model, x)
-        shares, correct = [], 0
+        shares, inside, correct = [], [], 0
+        fields = lung_fields(torch.stack(lungs[c]) if lungs[c] else None, meta.image_size, meta.lung_focus)
         for j, (gray, cam, p) in enumerate(zip(grays, cams.numpy(), probs.numpy(), strict=True)):
             pred = int(p.argmax())
             correct += pred == c
             shares.append(outside_share(cam))
+            inside.append(inside_share(cam, fields[j if lungs[c] else 0]))
             caption = f"{manifest.classes[c][:8]}>{manifest.classes[pred][:8]}"
             grid.paste(overlay(gray, cam, caption), (j * size, c * size))
         summary[manifest.classes[c]] = {
             "images": len(shares),
             "mean_outside_share": float(np.mean(shares)),
+            # on the lung fields: each image's mask when the shards carry masks, else the template
+            "mean_inside_share": _mean([v for v in inside if v is not None]),
             "accuracy": correct / len(shares),
         }
-    grid_file = grid_path(out, split)
-    _save_png(grid, grid_file)
-    return {"grid": str(grid_file), "split": split, "lung_box": list(LUNG_BOX), "per_class": summary}
+    grid_path = out / f"gradcam_grid_{split}.png"
+    _save_png(grid, grid_path)
+    region = "mask" if manifest.has_masks else "template"
+    return {
+        "grid": str(grid_path),
+        "split": split,
+        "lung_box": list(LUNG_BOX),
+        "region": region,  # where mean_inside_share counts the heat map's mass
+        "per_class": summary,
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
 
 
 def print_summary(summary: dict, console: Console) -> None:
@@ -233,26 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", help="also draw a grid of test images per class from these shards")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--per-class", type=positive_int, default=6, help="grid images per class (with --shards)")
-    p.add_argument(
-        "--force", action="store_true", help="replace files of an earlier run in --out (else: refused)"
-    )
     add_device(p)
     return p.parse_args(argv)
-
-
-def planned_outputs(out: Path, files: list[Path], split: str | None) -> list[Path]:
-    """Every file this explain writes (`split`: the grid's, None without --shards). Two images with one
-    name would write one overlay: refused, as the second would silently replace the first."""
-    overlays: dict[Path, Path] = {}
-    for image in files:
-        target = overlay_path(out, image)
-        if target in overlays:
-            raise InputError(
-                f"{overlays[target]} and {image} would both be drawn to {target}; explain them with "
-                "different --out folders"
-            )
-        overlays[target] = image
-    return [out / EXPLAIN_SUMMARY, *overlays, *([grid_path(out, split)] if split else [])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,15 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     console = stdout_console()
     if not args.inputs and not args.shards:
         raise InputError("give images or folders to explain, or --shards for a per-class grid")
-    files, missing = find_images(args.inputs)
-    # No-clobber: `--out runs/x/gradcam` holds training's grid; replaced only when asked.
-    refuse_existing(planned_outputs(args.out, files, args.split if args.shards else None), args.force)
-    check_writable_file(args.out / EXPLAIN_SUMMARY, "--out")  # before any work
+    check_writable_file(args.out / "explain_summary.json", "--out")  # before any work
     device = resolve_device(args.device)
     model, meta = load_trained_model(args.model, device)
     result: dict = {"model": args.model}
     failures = 0
     if args.inputs:
+        files, missing = find_images(args.inputs)
         records = explain_files(model, meta, files, args.out, device)
         records += [{"path": item, "error": reason} for item, reason in missing]
         for r in records:
@@ -284,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print_summary(result["shards"], console)
         console.print(f"grid: {result['shards']['grid']}")
-    atomic_write_json(args.out / EXPLAIN_SUMMARY, result)
+    atomic_write_json(args.out / "explain_summary.json", result)
     return EXIT_FAILED if failures else EXIT_OK
 
 

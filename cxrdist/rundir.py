@@ -7,6 +7,7 @@
       checkpoints/         `cxrdist.checkpoint`
       best/                model.safetensors + meta.json
       test_metrics.json    plots (*.png), report.html
+      audit.json           the shortcut audit (`cxrdist.audit`), audit_examples.png, audit_visible.png
 
 Rules:
 - A run directory belongs to one run. A new run refuses a folder holding an earlier run's results or
@@ -48,6 +49,9 @@ ROC_PNG = "roc_test.png"
 RELIABILITY_PNG = "reliability_test.png"
 GRADCAM_DIR = "gradcam"
 EXPLAIN_SUMMARY = "explain_summary.json"  # in GRADCAM_DIR
+AUDIT_FILE = "audit.json"  # the shortcut audit (cxrdist.audit), and its pictures beside it:
+AUDIT_EXAMPLES_PNG = "audit_examples.png"  # one test image under each occlusion
+AUDIT_VISIBLE_PNG = "audit_visible.png"  # the part of the image the model can see at all
 # Results of a finished or running run: their presence means the folder is taken.
 RESULTS = (BEST_DIR, METRICS_FILE, TEST_METRICS_FILE, CHECKPOINTS)
 # Everything cxrdist.train writes into run.dir; `--overwrite` removes these and nothing else.
@@ -64,6 +68,9 @@ RUN_OUTPUTS = (
     ROC_PNG,
     RELIABILITY_PNG,
     GRADCAM_DIR,
+    AUDIT_FILE,
+    AUDIT_EXAMPLES_PNG,
+    AUDIT_VISIBLE_PNG,
     "cxrdist",  # Accelerate's tracker logs (run.log_with), named after the project
 )
 

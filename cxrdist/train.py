@@ -79,6 +79,7 @@ from cxrdist.optim import (  # noqa: E402
 )
 from cxrdist.rng import derive_seed  # noqa: E402
 from cxrdist.rundir import (  # noqa: E402
+    AUDIT_FILE,
     BEST_DIR,
     BEST_META,
     CONFUSION_PNG,
@@ -468,7 +469,6 @@ def best_meta(run: Run, epoch: int, val_metrics: dict) -> dict:
         manifest.image_size,
         training,
         lung_focus=run.cfg.data.lung_focus,
-        mixed_precision=run.mixed_precision,  # eval_settings' autocast: evaluate's default
     )
 
 
@@ -621,8 +621,24 @@ def fit(run: Run, resume: bool) -> None:
         eval_model(run).load_state_dict(best_state)
     temperature = calibrate(run) if cfg.eval.calibrate and state.best_epoch else None
     test = score_split(run, "test", tta=cfg.eval.tta)
+    audit = score_audit(run)
     if acc.is_main_process:
-        finish_outputs(run, state, test, temperature)
+        finish_outputs(run, state, test, temperature, audit)
+
+
+def score_audit(run: Run) -> dict[str, SplitScores]:
+    """The test split under the shortcut audit's occlusions (`cxrdist.audit`), the same on every rank."""
+    from cxrdist.audit import score_variants
+
+    acc = run.accelerator
+    return score_variants(
+        eval_model(run),
+        run.manifest,
+        "test",
+        eval_settings(run),
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
 
 
 def calibrate(run: Run) -> float:
@@ -647,9 +663,11 @@ def calibrate(run: Run) -> float:
     return temperature
 
 
-def finish_outputs(run: Run, state: TrainState, test: SplitScores, temperature: float | None) -> None:
-    """test_metrics.json, plots, the Grad-CAM grid and report.html; print the result table and every file
-    written, the report last. Main process only."""
+def finish_outputs(
+    run: Run, state: TrainState, test: SplitScores, temperature: float | None, audit: dict[str, SplitScores]
+) -> None:
+    """test_metrics.json, plots, the Grad-CAM grid, the shortcut audit and report.html; print the result
+    table and every file written, the report last, then the audit's verdict. Main process only."""
     from cxrdist.plots import plot_curves
     from cxrdist.tables import print_metrics_table
 
@@ -659,7 +677,6 @@ def finish_outputs(run: Run, state: TrainState, test: SplitScores, temperature: 
     )
     metrics = full_metrics(test, classes, options)
     out = {**metrics, "best_epoch": state.best_epoch, "split": "test", "provenance": provenance()}
-    out["precision"] = {"mixed_precision": run.mixed_precision}  # as evaluate writes it
     atomic_write_json(run_dir / TEST_METRICS_FILE, out)
     title = f"test, best epoch {state.best_epoch}"
     plots = {
@@ -676,10 +693,32 @@ def finish_outputs(run: Run, state: TrainState, test: SplitScores, temperature: 
     print_metrics_table(metrics, classes, console, title=f"test split (best epoch {state.best_epoch})")
     if cfg.eval.gradcam_per_class and state.best_epoch:
         written.append(gradcam(run))
+    verdict, audit_files = write_audit(run, audit, temperature)
+    written += audit_files
     written.append(write_report(run_dir))
     console.print(f"run directory: {run_dir}")
     for path in written:
         console.print(f"  {path}", highlight=False)
+    console.print(verdict, highlight=False)
+
+
+def write_audit(run: Run, audit: dict[str, SplitScores], temperature: float | None) -> tuple[str, list[Path]]:
+    """audit.json and its pictures (`cxrdist.audit`); returns the verdict's line and the files written."""
+    from cxrdist.audit import AuditOptions, AuditSetup, finish_audit
+
+    cfg, run_dir = run.cfg, run.run_dir
+    summary = run_dir / GRADCAM_DIR / EXPLAIN_SUMMARY
+    setup = AuditSetup(
+        split="test",
+        options=AuditOptions(temperature, cfg.eval.bootstrap_resamples, cfg.run.seed),
+        in_chans=run.in_chans,
+        device=run.accelerator.device,
+        lung_focus=cfg.data.lung_focus,
+        gradcam_summary=summary if summary.exists() else None,
+        provenance={"model": str(run_dir / BEST_DIR), "shards": run.manifest.source},
+    )
+    report, written = finish_audit(audit, eval_model(run), run.manifest, run_dir / AUDIT_FILE, setup)
+    return report["verdict"]["line"], written
 
 
 def gradcam(run: Run) -> Path:

@@ -27,6 +27,7 @@ class Sample:
     label: int
     split: str
     shard: str  # file name
+    mask: np.ndarray | None = None  # bool (H, W) lung field, when written with masks=True
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -43,12 +44,15 @@ def write_shards(
     classes: tuple[str, ...] = CLASSES,
     seed: int = 0,
     bad_keys: frozenset[str] = frozenset(),
+    masks: bool = False,
 ) -> dict[str, Sample]:
     """Write ``{split}-NNNNNN.tar`` with the given per-shard sample counts, and the manifest.
 
     Labels cycle through the classes; pixels are noise around a class-dependent gray level, so that a
     "model" looking at the mean gray level is right most of the time. Keys in `bad_keys` get a PNG
-    member that is not a PNG. Returns every sample by key.
+    member that is not a PNG. With `masks`, every sample gets a ``<key>.mask.png`` lung mask (a random
+    rectangle per sample, unlike any template) and the manifest says ``"masks": true``. Returns every
+    sample by key.
     """
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -75,15 +79,21 @@ def write_shards(
                         "pixel_sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
                     }
                     png = b"this is not a png" if key in bad_keys else _png(pixels)
-                    sink.write(
-                        {
-                            "__key__": key,
-                            "png": png,
-                            "cls": str(label).encode("ascii"),
-                            "json": json.dumps(provenance).encode(),
-                        }
-                    )
-                    samples[key] = Sample(pixels, label, split, name)
+                    sample = {
+                        "__key__": key,
+                        "png": png,
+                        "cls": str(label).encode("ascii"),
+                        "json": json.dumps(provenance).encode(),
+                    }
+                    mask = None
+                    if masks:
+                        top, left = rng.integers(0, image_size // 2, 2)
+                        bottom, right = rng.integers(image_size // 2 + 1, image_size + 1, 2)
+                        mask = np.zeros((image_size, image_size), dtype=bool)
+                        mask[top:bottom, left:right] = True
+                        sample["mask.png"] = _png(np.where(mask, 255, 0).astype(np.uint8))
+                    sink.write(sample)
+                    samples[key] = Sample(pixels, label, split, name, mask)
                     class_counts[classes[label]] += 1
                     n += 1
             data = (out / name).read_bytes()
@@ -104,5 +114,7 @@ def write_shards(
         "skipped": [],
         "duplicates": [],
     }
+    if masks:
+        manifest["masks"] = True
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return samples
