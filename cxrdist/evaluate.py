@@ -2,7 +2,12 @@
 clinical reader asks for: 95% intervals, calibration, operating points, test-time augmentation, subgroups.
 
     python -m cxrdist.evaluate RUN_OR_MODEL --shards DIR_OR_URL [--split test] [--tta] [--subgroups FILE.csv]
+                               [--out FILE.json [--force]] [--mixed-precision auto|no|bf16|fp16]
     accelerate launch -m cxrdist.evaluate ...            # any number of ranks, identical results
+
+The forward passes run in the precision the model was trained, validated and tested in (best/meta.json's
+`mixed_precision`), so evaluate repeats training's test numbers; `--mixed-precision` picks another, and the
+output says which was used. An existing `--out` or plot of it is replaced only with `--force`.
 
 Library use (the training loop calls the first two every epoch, the third once at the end)::
 
@@ -34,7 +39,7 @@ import torch
 
 from cxrdist.artifacts import ModelMeta, find_model_dir, load_trained_model
 from cxrdist.augment import eval_transform
-from cxrdist.cli import add_batching, add_model, check_writable_file
+from cxrdist.cli import add_batching, add_model, check_writable_file, refuse_existing
 from cxrdist.data import DeviceCache, Manifest, eval_batches, read_manifest, sample_paths, to_device
 from cxrdist.distributed import gather_objects, gather_rows
 from cxrdist.lungs import focus
@@ -354,8 +359,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--subgroups", type=Path, help="CSV with header file,subgroup: metrics per subgroup")
     add_batching(p, batch_size=128, workers=2)
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument(
+        "--mixed-precision",
+        choices=("auto", "no", "bf16", "fp16"),
+        default="auto",
+        help="autocast precision of the forward passes: auto (default) = the one the model was trained, "
+        "validated and tested in (best/meta.json), so the numbers match training's test; no = fp32",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace --out and its plots if they exist (else: refused)"
+    )
     return p.parse_args(argv)
+
+
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+
+
+def eval_precision(requested: str, meta: ModelMeta, cuda: bool) -> tuple[str, str]:
+    """The precision to evaluate in ("no" = fp32, "bf16", "fp16") for `--mixed-precision requested`, and
+    why, in words for the output. "auto" is the model's own (meta.json), as training tested it."""
+    tested = PRECISION_NAMES[meta.mixed_precision]
+    if requested != "auto":  # main refused fp16 without CUDA
+        if requested == meta.mixed_precision:
+            return requested, f"--mixed-precision {requested}, as training tested the model"
+        return requested, f"--mixed-precision {requested}; training tested the model in {tested}"
+    if meta.mixed_precision == "fp16" and not cuda:
+        return "no", "the model was tested in fp16 autocast, which needs a CUDA GPU: numbers may differ"
+    return meta.mixed_precision, "as training validated and tested the model (best/meta.json)"
+
+
+def plot_paths(out: Path) -> dict[str, Path]:
+    """The pictures written beside the metrics JSON `out`."""
+    return {kind: out.with_name(f"{out.stem}_{kind}.png") for kind in ("confusion", "roc", "reliability")}
 
 
 def write_plots(
@@ -386,18 +421,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise InputError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
     out = args.out or find_model_dir(args.model) / f"eval_{args.split}.json"
+    refuse_existing([out, *plot_paths(out).values()], args.force)  # no-clobber, before any work
     check_writable_file(out)  # before the evaluation, so a long one is never thrown away
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only hosts: gloo ranks
     model, meta = load_trained_model(args.model, state.device)
     manifest = read_manifest(args.shards)
     check_compatible(meta, manifest)
+    precision, precision_why = eval_precision(args.mixed_precision, meta, torch.cuda.is_available())
     subgroups = read_subgroups(args.subgroups, manifest, args.split) if args.subgroups else None
     settings = EvalSettings(
         device=state.device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         in_chans=meta.in_chans,
-        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision),
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
         tta_hflip=args.tta,
         lung_focus=meta.lung_focus,
     )
@@ -414,16 +451,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         metrics = full_metrics(scores, manifest.classes, options)
         metrics.update(split=args.split, shards=manifest.source, model=str(find_model_dir(args.model)))
+        metrics["precision"] = {"mixed_precision": precision, "model_tested_in": meta.mixed_precision}
         title = f"{args.split} split, n={metrics['num_samples']}"
         atomic_write_json(out, metrics)
-        plots = {
-            kind: out.with_name(f"{out.stem}_{kind}.png") for kind in ("confusion", "roc", "reliability")
-        }
+        plots = plot_paths(out)
         written = [out, *write_plots(metrics, scores, options, manifest.classes, plots, title)]
         console = stdout_console()
         print_metrics_table(
             metrics, manifest.classes, console, title=f"{args.split} split of {manifest.source}"
         )
+        console.print(f"precision: {PRECISION_NAMES[precision]} ({precision_why})", highlight=False)
         for path in written:
             console.print(f"  {path}", highlight=False)
     state.wait_for_everyone()

@@ -1,6 +1,7 @@
 """Grad-CAM: where does the model look? An audit for shortcut learning.
 
     python -m cxrdist.explain RUN_OR_MODEL [IMAGE_OR_DIR...] --out DIR [--shards DIR_OR_URL --per-class N]
+                              [--force]
 
 Models trained on this database are known to learn hospital markers, text and borders instead of lung
 findings (DeGrave et al., Nature Machine Intelligence 2021). For each image this writes the radiograph with
@@ -8,6 +9,9 @@ its Grad-CAM heat map overlaid (for the predicted class), and reports the share 
 outside a central lung box. With `--shards` it also writes a grid of N test images per class and the mean
 outside share per true class. A high share is no proof of a shortcut, and a low one no proof of its
 absence, but a class whose maps sit on corners and edges deserves a look.
+
+Files that `--out` already holds (training's own grid in RUN/gradcam/, an earlier explain) are replaced
+only with `--force`; other files there are never touched.
 """
 
 from __future__ import annotations
@@ -26,11 +30,20 @@ from rich.table import Table
 
 from cxrdist.artifacts import load_trained_model
 from cxrdist.augment import eval_transform
-from cxrdist.cli import add_device, add_inputs, add_model, check_writable_file, find_images, resolve_device
+from cxrdist.cli import (
+    add_device,
+    add_inputs,
+    add_model,
+    check_writable_file,
+    find_images,
+    refuse_existing,
+    resolve_device,
+)
 from cxrdist.data import eval_batches, read_manifest
 from cxrdist.evaluate import check_compatible
 from cxrdist.lungs import focus, template_mask
 from cxrdist.models import gradcam_target_layer
+from cxrdist.rundir import EXPLAIN_SUMMARY
 from shard_tools.cli import positive_int, print_problem, run_main, stdout_console
 from shard_tools.errors import EXIT_FAILED, EXIT_OK, InputError
 from shard_tools.files import atomic_write_bytes, atomic_write_json
@@ -135,6 +148,16 @@ def _save_png(img: Image.Image, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def overlay_path(out: Path, image: Path) -> Path:
+    """Where `explain_files` writes the overlay of `image`."""
+    return out / f"{image.stem}_gradcam.png"
+
+
+def grid_path(out: Path, split: str) -> Path:
+    """Where `explain_shards` writes its grid of `split`."""
+    return out / f"gradcam_grid_{split}.png"
+
+
 def explain_files(model, meta, files: list[Path], out: Path, device, batch_size: int = 16) -> list[dict]:
     """One overlay PNG per readable file (`out/<stem>_gradcam.png`); returns a record per file."""
     records = []
@@ -154,7 +177,7 @@ def explain_files(model, meta, files: list[Path], out: Path, device, batch_size:
         for path, gray, cam, p in zip(chunk, grays, cams.numpy(), probs.numpy(), strict=True):
             pred = meta.classes[int(p.argmax())]
             share = outside_share(cam)
-            target = out / f"{path.stem}_gradcam.png"
+            target = overlay_path(out, path)
             _save_png(overlay(gray, cam, f"{pred} {p.max():.2f}"), target)
             records.append(
                 {"path": str(path), "predicted": pred, "outside_share": share, "overlay": str(target)}
@@ -212,11 +235,11 @@ def explain_shards(model, meta, shards: str, out: Path, per_class: int, split: s
             "mean_inside_share": _mean([v for v in inside if v is not None]),
             "accuracy": correct / len(shares),
         }
-    grid_path = out / f"gradcam_grid_{split}.png"
-    _save_png(grid, grid_path)
+    grid_file = grid_path(out, split)
+    _save_png(grid, grid_file)
     region = "mask" if manifest.has_masks else "template"
     return {
-        "grid": str(grid_path),
+        "grid": str(grid_file),
         "split": split,
         "lung_box": list(LUNG_BOX),
         "region": region,  # where mean_inside_share counts the heat map's mass
@@ -249,8 +272,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", help="also draw a grid of test images per class from these shards")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--per-class", type=positive_int, default=6, help="grid images per class (with --shards)")
+    p.add_argument(
+        "--force", action="store_true", help="replace files of an earlier run in --out (else: refused)"
+    )
     add_device(p)
     return p.parse_args(argv)
+
+
+def planned_outputs(out: Path, files: list[Path], split: str | None) -> list[Path]:
+    """Every file this explain writes (`split`: the grid's, None without --shards). Two images with one
+    name would write one overlay: refused, as the second would silently replace the first."""
+    overlays: dict[Path, Path] = {}
+    for image in files:
+        target = overlay_path(out, image)
+        if target in overlays:
+            raise InputError(
+                f"{overlays[target]} and {image} would both be drawn to {target}; explain them with "
+                "different --out folders"
+            )
+        overlays[target] = image
+    return [out / EXPLAIN_SUMMARY, *overlays, *([grid_path(out, split)] if split else [])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     console = stdout_console()
     if not args.inputs and not args.shards:
         raise InputError("give images or folders to explain, or --shards for a per-class grid")
-    check_writable_file(args.out / "explain_summary.json", "--out")  # before any work
+    files, missing = find_images(args.inputs)
+    # No-clobber: `--out runs/x/gradcam` holds training's grid; replaced only when asked.
+    refuse_existing(planned_outputs(args.out, files, args.split if args.shards else None), args.force)
+    check_writable_file(args.out / EXPLAIN_SUMMARY, "--out")  # before any work
     device = resolve_device(args.device)
     model, meta = load_trained_model(args.model, device)
     result: dict = {"model": args.model}
     failures = 0
     if args.inputs:
-        files, missing = find_images(args.inputs)
         records = explain_files(model, meta, files, args.out, device)
         records += [{"path": item, "error": reason} for item, reason in missing]
         for r in records:
@@ -280,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print_summary(result["shards"], console)
         console.print(f"grid: {result['shards']['grid']}")
-    atomic_write_json(args.out / "explain_summary.json", result)
+    atomic_write_json(args.out / EXPLAIN_SUMMARY, result)
     return EXIT_FAILED if failures else EXIT_OK
 
 

@@ -469,6 +469,7 @@ def best_meta(run: Run, epoch: int, val_metrics: dict) -> dict:
         manifest.image_size,
         training,
         lung_focus=run.cfg.data.lung_focus,
+        mixed_precision=run.mixed_precision,  # eval_settings' autocast: evaluate's default
     )
 
 
@@ -677,6 +678,7 @@ def finish_outputs(
     )
     metrics = full_metrics(test, classes, options)
     out = {**metrics, "best_epoch": state.best_epoch, "split": "test", "provenance": provenance()}
+    out["precision"] = {"mixed_precision": run.mixed_precision}  # as evaluate writes it
     atomic_write_json(run_dir / TEST_METRICS_FILE, out)
     title = f"test, best epoch {state.best_epoch}"
     plots = {
