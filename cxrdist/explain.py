@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.table import Table
 
@@ -140,6 +140,45 @@ def overlay(gray: np.ndarray, cam: np.ndarray, caption: str = "", alpha: float =
     return img
 
 
+GRID_TILE_PX = 224  # each grid image, scaled to this: legible at the report's width, 6 to a row
+GRID_FONT_PX = 15
+WRONG = (176, 0, 0)  # the predicted class in red when it is not the true one
+
+
+def _fit(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """`text`, cut with an ellipsis to fit `width` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def grid_image(rows: list[tuple[str, list[tuple[Image.Image, str]]]]) -> Image.Image:
+    """The Grad-CAM grid: one row per true class (`rows`: class name, then (overlay, predicted class) per
+    image), each overlay scaled to GRID_TILE_PX with two caption lines under it: the true class and the
+    class the model predicted (red when wrong). Names are written whole, cut only if wider than a tile."""
+    font = ImageFont.load_default(size=GRID_FONT_PX)
+    gap, line = 6, GRID_FONT_PX + 4
+    cell_w, cell_h = GRID_TILE_PX + gap, GRID_TILE_PX + 2 * line + gap
+    columns = max([len(tiles) for _, tiles in rows] + [1])
+    grid = Image.new("RGB", (columns * cell_w + gap, len(rows) * cell_h + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, (true, tiles) in enumerate(rows):
+        y = gap + r * cell_h
+        if not tiles:
+            empty = f"no {true} image in the split"
+            draw.text((gap, y + GRID_TILE_PX // 2), empty, fill=(90, 90, 90), font=font)
+        for j, (img, predicted) in enumerate(tiles):
+            x = gap + j * cell_w
+            grid.paste(img.resize((GRID_TILE_PX, GRID_TILE_PX), Image.Resampling.BILINEAR), (x, y))
+            ty = y + GRID_TILE_PX + 2
+            draw.text((x, ty), _fit(f"true: {true}", font, GRID_TILE_PX), fill=(20, 20, 20), font=font)
+            colour = (20, 20, 20) if predicted == true else WRONG
+            draw.text((x, ty + line), _fit(f"model: {predicted}", font, GRID_TILE_PX), fill=colour, font=font)
+    return grid
+
+
 def _save_png(img: Image.Image, path: Path) -> None:
     import io
 
@@ -202,8 +241,7 @@ def explain_shards(model, meta, shards: str, out: Path, per_class: int, split: s
                     lungs[label].append(masks[0][i])
         if all(len(v) >= per_class for v in picked.values()):
             break
-    size = meta.image_size
-    grid = Image.new("RGB", (per_class * size, k * size), (0, 0, 0))
+    rows = [(name, []) for name in manifest.classes]  # the grid: (overlay, predicted) per true class
     summary: dict[str, dict] = {}
     for c in range(k):
         if not picked[c]:
@@ -226,8 +264,7 @@ def explain_shards(model, meta, shards: str, out: Path, per_class: int, split: s
             correct += pred == c
             shares.append(outside_share(cam))
             inside.append(inside_share(cam, fields[j if lungs[c] else 0]))
-            caption = f"{manifest.classes[c][:8]}>{manifest.classes[pred][:8]}"
-            grid.paste(overlay(gray, cam, caption), (j * size, c * size))
+            rows[c][1].append((overlay(gray, cam), manifest.classes[pred]))
         summary[manifest.classes[c]] = {
             "images": len(shares),
             "mean_outside_share": float(np.mean(shares)),
@@ -236,7 +273,7 @@ def explain_shards(model, meta, shards: str, out: Path, per_class: int, split: s
             "accuracy": correct / len(shares),
         }
     grid_file = grid_path(out, split)
-    _save_png(grid, grid_file)
+    _save_png(grid_image(rows), grid_file)
     region = "mask" if manifest.has_masks else "template"
     return {
         "grid": str(grid_file),

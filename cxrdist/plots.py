@@ -56,21 +56,36 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Pa
     return _save(fig, path)
 
 
-def plot_curves(rows: Sequence[dict], path: Path) -> Path:
-    """Loss (train, val) and validation accuracy / macro-F1 per epoch, from metrics.jsonl rows.
+# Validation curves: each its own line style and marker, so equal values stay visible (accuracy and
+# balanced accuracy coincide on a balanced split).
+CURVE_STYLES = (
+    ("accuracy", "val accuracy", {"linestyle": "-", "marker": "o", "markersize": 7}),
+    (
+        "balanced_accuracy",
+        "val balanced accuracy",
+        {"linestyle": "--", "marker": "s", "markerfacecolor": "white"},
+    ),
+    ("macro_f1", "val macro F1", {"linestyle": ":", "marker": "^", "markersize": 5}),
+)
 
-    No rows (a run stopped before its first epoch ended) still writes a figure that says so.
-    """
-    fig = _figure(figsize=(10, 3.8))
+
+def curves_figure(rows: Sequence[dict]) -> Figure:
+    """Loss (train, val) and validation accuracy / balanced accuracy / macro F1 per epoch, from
+    metrics.jsonl rows; legends under the axes, where they cover no point. No rows (a run stopped
+    before its first epoch ended) still draws a figure that says so."""
+    fig = _figure(figsize=(10, 4.2))
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in rows]
     if rows:
-        ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
-        ax_loss.plot(epochs, [r["val"]["loss"] for r in rows], "o-", label="val")
-        ax_loss.legend()
-        for key in ("accuracy", "balanced_accuracy", "macro_f1"):
-            ax_acc.plot(epochs, [r["val"][key] for r in rows], "o-", label=f"val {key}")
-        ax_acc.legend(loc="lower right")
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train loss")
+        ax_loss.plot(epochs, [r["val"]["loss"] for r in rows], "s--", label="val loss")
+        for key, label, style in CURVE_STYLES:
+            values = [r["val"].get(key) for r in rows]
+            if any(v is not None for v in values):
+                ax_acc.plot(epochs, [float("nan") if v is None else v for v in values], label=label, **style)
+        for ax in (ax_loss, ax_acc):
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=9, frameon=False)
+            ax.xaxis.get_major_locator().set_params(integer=True)
     else:
         ax_loss.text(0.5, 0.5, "no epoch finished", ha="center", va="center", transform=ax_loss.transAxes)
     ax_loss.set_xlabel("epoch")
@@ -79,7 +94,12 @@ def plot_curves(rows: Sequence[dict], path: Path) -> Path:
     ax_acc.set_ylim(0, 1)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
+
+
+def plot_curves(rows: Sequence[dict], path: Path) -> Path:
+    """`curves_figure` as a PNG."""
+    return _save(curves_figure(rows), path)
 
 
 def plot_roc(roc_by_class: Mapping[str, ClassRoc | None], path: Path, title: str = "") -> Path:
@@ -151,14 +171,15 @@ def _bin_bars(ax, bins: dict, offset: float, width: float, color: str, label: st
     )
 
 
-def plot_reliability(bins: dict, path: Path, title: str = "", bins_after: dict | None = None) -> Path:
+def reliability_figure(bins: dict, title: str = "", bins_after: dict | None = None) -> Figure:
     """Reliability diagram: accuracy against mean confidence per bin, ECE in the legend.
 
     `bins` (and `bins_after`, the same split after temperature scaling, drawn beside it): the dicts of
     `cxrdist.calibration.reliability_bins`. A lower panel shows how many predictions fall in each bin;
-    bars on the diagonal are perfectly calibrated, bars below it over-confident.
+    bars on the diagonal are perfectly calibrated, bars below it over-confident. The legend sits above
+    the axes: inside, it covered the bars of whichever corner it was put in.
     """
-    fig = _figure(figsize=(6.4, 7.0))
+    fig = _figure(figsize=(6.4, 7.4))
     ax, ax_count = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="0.4", linestyle="--", linewidth=1, label="perfect calibration")
     sets = [("before temperature" if bins_after else "model", bins, "C0")]
@@ -181,10 +202,15 @@ def plot_reliability(bins: dict, path: Path, title: str = "", bins_after: dict |
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title(title or "reliability (top-label confidence)")
+    fig.suptitle(title or "reliability (top-label confidence)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncol=2, fontsize=9, frameon=False, borderaxespad=0)
     ax_count.set_xlabel("confidence")
     ax_count.set_ylabel("predictions")
     ax_count.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
+
+
+def plot_reliability(bins: dict, path: Path, title: str = "", bins_after: dict | None = None) -> Path:
+    """`reliability_figure` as a PNG."""
+    return _save(reliability_figure(bins, title, bins_after), path)

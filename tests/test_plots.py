@@ -10,7 +10,14 @@ from PIL import Image
 
 from cxrdist.calibration import calibration_report, fit_temperature
 from cxrdist.operating_points import roc_curves
-from cxrdist.plots import plot_confusion, plot_curves, plot_reliability, plot_roc
+from cxrdist.plots import (
+    curves_figure,
+    plot_confusion,
+    plot_curves,
+    plot_reliability,
+    plot_roc,
+    reliability_figure,
+)
 
 CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 K = len(CLASSES)
@@ -99,3 +106,67 @@ def test_a_plot_replaces_an_older_file(tmp_path, model_outputs):
     plot_reliability(calibration_report(logits, labels)["before"]["bins"], path)
     with Image.open(path) as im:
         assert im.format == "PNG"
+
+
+# ------------------------------------------------------------- what a reader sees (issue 21, item 7)
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_curves_keep_equal_lines_apart_and_legends_off_the_data():
+    # A balanced validation split: accuracy and balanced accuracy are the same numbers.
+    val = [
+        {"loss": 1.2 / e, "accuracy": e / 8, "balanced_accuracy": e / 8, "macro_f1": e / 9}
+        for e in range(1, 6)
+    ]
+    rows = [{"epoch": e, "train_loss": 1 / e, "val": v} for e, v in enumerate(val, start=1)]
+    fig = curves_figure(rows)
+    fig.canvas.draw()
+    ax_loss, ax_acc = fig.axes
+    lines = {line.get_label(): line for line in ax_acc.get_lines()}
+    acc, bal = lines["val accuracy"], lines["val balanced accuracy"]
+    assert list(acc.get_ydata()) == list(bal.get_ydata())
+    assert (acc.get_linestyle(), acc.get_marker()) != (bal.get_linestyle(), bal.get_marker())
+    assert bal.get_markerfacecolor() == "white"  # the line underneath shows through its markers
+    renderer = fig.canvas.get_renderer()
+    for ax in (ax_loss, ax_acc):
+        assert not _overlaps(ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer))
+
+
+def test_reliability_legend_covers_no_bar(model_outputs):
+    logits, labels = model_outputs
+    report = calibration_report(logits, labels, temperature=fit_temperature(logits, labels))
+    fig = reliability_figure(report["before"]["bins"], "test", bins_after=report["after"]["bins"])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not _overlaps(legend, ax.get_window_extent(renderer))
+    assert len(ax.get_legend().get_texts()) == 3  # diagonal, before, after
+
+
+def test_gradcam_grid_is_large_enough_to_read_and_marks_wrong_predictions():
+    from cxrdist.explain import GRID_TILE_PX, _fit, grid_image, overlay
+
+    gray = np.full((64, 64), 100, np.uint8)
+    cam = np.zeros((64, 64), np.float32)
+    rows = [(name, [(overlay(gray, cam), name)] * 4) for name in CLASSES]
+    rows[3] = (CLASSES[3], [(overlay(gray, cam), CLASSES[3])] * 3 + [(overlay(gray, cam), "Normal")])
+    grid = grid_image(rows)
+    assert grid.width >= 4 * GRID_TILE_PX >= 880 and grid.height >= 4 * GRID_TILE_PX  # was 512 x 512
+    pixels = np.asarray(grid).astype(int)
+    red = (pixels[..., 0] > 120) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
+    ys, xs = np.nonzero(red)
+    assert len(ys) > 20  # "model: Normal" under the last image of the last row only
+    assert xs.min() > 3 * GRID_TILE_PX and ys.min() > 3 * GRID_TILE_PX
+    # Names are whole, cut with an ellipsis only when wider than a tile.
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(size=15)
+    assert _fit("true: Viral Pneumonia", font, GRID_TILE_PX) == "true: Viral Pneumonia"
+    cut = _fit("true: " + "Very long class name " * 4, font, GRID_TILE_PX)
+    assert cut.endswith("…") and font.getlength(cut) <= GRID_TILE_PX
+    empty = grid_image([("COVID", [(overlay(gray, cam), "COVID")])] + [("Normal", [])])
+    assert empty.size[1] > 2 * GRID_TILE_PX  # a class without images keeps its row

@@ -281,7 +281,7 @@ def make_run(root: Path, classes=CLASSES, *, metrics: dict | None = None, real_p
 
 
 def draw_real_pngs(root: Path, classes, metrics: dict, rows: list[dict]) -> None:
-    from cxrdist.explain import overlay
+    from cxrdist.explain import grid_image, overlay
     from cxrdist.operating_points import roc_curves
     from cxrdist.plots import plot_confusion, plot_curves, plot_reliability, plot_roc
     from shard_tools.synth import draw
@@ -295,17 +295,19 @@ def draw_real_pngs(root: Path, classes, metrics: dict, rows: list[dict]) -> None
     cal = metrics["calibration"]
     plot_reliability(cal["before"]["bins"], root / "reliability_test.png", bins_after=cal["after"]["bins"])
     size, per_class = 128, 4
-    grid = Image.new("RGB", (per_class * size, len(classes) * size))
+    grid_rows = []
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size
     for r, name in enumerate(classes):
+        tiles = []
         for j in range(per_class):
             gray = draw(name if name in CLASSES else "Normal", size, rng, rng)
             cy, cx = rng.uniform(0.2, 0.8, 2)
             cam = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
-            grid.paste(overlay(gray, cam / cam.max(), f"{name[:8]}>{name[:8]}"), (j * size, r * size))
+            tiles.append((overlay(gray, cam / cam.max()), classes[(r + (j == 3)) % len(classes)]))
+        grid_rows.append((name, tiles))
     buf = io.BytesIO()
-    grid.save(buf, format="PNG")
+    grid_image(grid_rows).save(buf, format="PNG")
     (root / "gradcam" / "gradcam_grid_test.png").write_bytes(buf.getvalue())
 
 

@@ -341,19 +341,27 @@ def gather_gradcam(run: RunRecord) -> dict[str, Any] | None:
     grid = f"{GRADCAM_DIR}/gradcam_grid_{split}.png"
     if explain is None and not (run.run_dir / grid).exists():
         return None
-    caption = "One row per true class; under each image its true class and the class the model predicted."
+    caption = (
+        "One row per true class; under each image its true class and the class the model predicted (red "
+        "when wrong). White box: the central lung box."
+    )
     per_class = explain.get("per_class") if explain else None
     rows = None
     if isinstance(per_class, dict):
         rows = []
         for name in class_order(run, per_class):
             r = per_class[name] if isinstance(per_class[name], dict) else {}
-            rows.append({"name": name, **{k: r.get(k) for k in ("images", "mean_outside_share", "accuracy")}})
+            keys = ("images", "mean_inside_share", "mean_outside_share", "accuracy")
+            rows.append({"name": name, **{k: r.get(k) for k in keys}})
     box = explain.get("lung_box") if explain else None
     return {
         "figure": figure(run, grid, f"Grad-CAM heat maps of {split} images, one row per true class", caption),
         "rows": rows,
         "summary_file": f"{GRADCAM_DIR}/{EXPLAIN_SUMMARY}",
+        "inside": any(r["mean_inside_share"] is not None for r in rows or []),
+        "region": {"mask": "the lung masks in the shards", "template": "cxrdist's lung template"}.get(
+            explain.get("region") if explain else None, "the lungs"
+        ),
         "box": box if isinstance(box, list) and len(box) == 4 and all(map(is_number, box)) else None,
     }
 
