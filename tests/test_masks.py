@@ -333,3 +333,12 @@ def test_verify_cli_says_it_checked_the_masks(synth_masked, tmp_path, capsys):
     assert run_main(verify_main, [str(tmp_path / "b"), "--workers", "1"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "every image decoded" in out and "lung mask" not in out
+
+
+def test_the_mask_of_a_skipped_file_is_no_orphan(synth_masked, tmp_path):
+    src = _copy(synth_masked, tmp_path / "db")
+    # An image file pack skips (here: not named like an image) still has its mask: no orphan, no error.
+    image_path(src, "Normal", 4).rename(src / "Normal" / "images" / "Normal-4.txt")
+    manifest = pack(src, tmp_path / "out", max_skipped=0.1, **OPTS)
+    assert manifest["masks"] is True and manifest["splits"]["train"]["count"] == 15
+    assert [s["path"] for s in manifest["skipped"]] == ["Normal/images/Normal-4.txt"]
