@@ -708,6 +708,35 @@ def test_clean_audit_reads_clear_and_a_missing_audit_says_how_to_run_it(tmp_path
     assert "<code>audit.json</code> could not be read" in page and "Not tested" in page
 
 
+@pytest.mark.parametrize("signal_without_lungs", [0.0, 1.0])
+def test_the_audit_that_cxrdist_audit_computes_reads_as_its_verdict(tmp_path, signal_without_lungs):
+    from cxrdist.audit import VARIANTS, AuditOptions, audit_report
+
+    n, k = 240, len(CLASSES)
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, k, n)
+    scores = {}
+    for name in VARIANTS:
+        signal = 1.2 if name in ("intact", "lungs_only") else signal_without_lungs
+        logits = 3 * (rng.normal(size=(n, k)) + signal * np.eye(k)[labels])
+        scores[name] = SplitScores(tuple(map(str, range(n))), labels, logits.astype(np.float32))
+    audit = audit_report(scores, CLASSES, AuditOptions(resamples=200), "template")
+    audit |= {"split": "test", "visible_region": {"fraction": 0.6, "note": "", "image": "audit_visible.png"}}
+    audit |= {"examples_image": "audit_examples.png", "gradcam": None, "per_source": None, "provenance": {}}
+    run = make_run(tmp_path / "run")
+    add_audit(run, json.loads(json.dumps(audit)))
+    page = write_report(run).read_text()
+    suspected = audit["verdict"]["shortcut_suspected"]
+    assert suspected == (signal_without_lungs > 0)
+    header = page[: page.index("<nav>")]
+    assert f'class="verdict {"flagged" if suspected else "clear"}" id="verdict"' in header
+    assert audit["verdict"]["line"].replace("'", "&#39;") in header
+    audit_html = section(page, "audit")
+    assert re.findall(r'<tr data-variant="(\w+)">', audit_html) == [*VARIANTS, "chance"]
+    hidden = audit["variants"]["lungs_hidden"]["metrics"]
+    assert fmt(hidden["balanced_accuracy"]) in row(audit_html, "data-variant", "lungs_hidden")
+
+
 @pytest.mark.parametrize(
     ("source", "kind", "title", "says", "never"),
     [

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from cxrdist.report.record import (
-    AUDIT_FILE,
     RunRecord,
     class_order,
     figure,
@@ -27,6 +26,9 @@ from cxrdist.report.record import (
     uses_tta,
 )
 from cxrdist.rundir import (
+    AUDIT_EXAMPLES_PNG,
+    AUDIT_FILE,
+    AUDIT_VISIBLE_PNG,
     BEST_DIR,
     CONFIG_FILE,
     CONFUSION_PNG,
@@ -437,9 +439,17 @@ def gather_audit(run: RunRecord) -> dict[str, Any]:
         "visible_fraction": visible.get("fraction"),
         "visible_note": visible.get("note") or "",
         "visible": figure(
-            run, visible.get("image") or "audit_visible.png", "the part of the image the model sees"
+            run,
+            str(visible.get("image") or AUDIT_VISIBLE_PNG),
+            "the part of the image the model sees",
+            "A test image; tinted red: the pixels the model's output never depends on.",
         ),
-        "examples": figure(run, "audit_examples.png", "one test image as each variant shows it to the model"),
+        "examples": figure(
+            run,
+            str(audit.get("examples_image") or AUDIT_EXAMPLES_PNG),
+            "one test image as each variant shows it to the model",
+            "One test image as each variant shows it to the model.",
+        ),
         "gradcam": gradcam,
         "sources": {"columns": sources[0], "rows": sources[1]} if sources else None,
     }

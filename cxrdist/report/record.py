@@ -19,6 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from cxrdist.rundir import (
+    AUDIT_FILE,
     BEST_META,
     CONFIG_FILE,
     EXPLAIN_SUMMARY,
@@ -28,11 +29,6 @@ from cxrdist.rundir import (
     TEST_METRICS_FILE,
 )
 from shard_tools.errors import InputError
-
-try:
-    from cxrdist.rundir import AUDIT_FILE
-except ImportError:  # until cxrdist.audit's constant lands in rundir (contracts: the same name)
-    AUDIT_FILE = "audit.json"
 
 NOT_WRITTEN = "not written by this run"
 
