@@ -49,8 +49,10 @@ audit.json (the contract with the report)::
     intervals {method, resamples, seed, level},
     variants {name: {title, description, metrics: M}} in VARIANTS order, M = split_metrics + "intervals"
     verdict {shortcut_suspected: bool, line: str (one sentence), reasons: [str]},
-    visible_region {fraction, note, image}, gradcam {inside_share_mean, region} | null,
-    per_source {source: M without confusion_matrix} | null, provenance {...}
+    visible_region {fraction, note, image}, examples_image (file names beside audit.json),
+    gradcam {inside_share_mean, region "mask" | "template"} | null (explain's summary, when drawn),
+    per_source {source: M without confusion_matrix} | null (provenance "source", else "group"),
+    provenance {model, shards, mixed_precision, lung_focus, cxrdist_version, git_commit, torch_version}
 """
 
 from __future__ import annotations
@@ -69,13 +71,14 @@ from PIL import Image, ImageDraw
 
 from cxrdist.artifacts import find_model_dir, load_trained_model, provenance
 from cxrdist.augment import normalize_stats
-from cxrdist.cli import add_batching, add_model, check_writable_file
+from cxrdist.cli import add_batching, add_model, check_writable_file, refuse_existing
 from cxrdist.data import Manifest, eval_batches, read_manifest, sample_provenance
 from cxrdist.evaluate import (
     MetricOptions,
     ScoringSettings,
     SplitScores,
     check_compatible,
+    eval_precision,
     evaluate_split,
     probabilities,
     split_metrics,
@@ -396,6 +399,14 @@ def gradcam_share(summary_path: Path) -> dict | None:
 # ------------------------------------------------------------------------------------------- writing
 
 
+def picture_paths(out: Path) -> dict[str, Path]:
+    """The pictures beside audit JSON `out`: the run-dir names, or named after another --out."""
+    paths = {"examples": out.with_name(AUDIT_EXAMPLES_PNG), "visible": out.with_name(AUDIT_VISIBLE_PNG)}
+    if out.name != AUDIT_FILE:  # so that two audits in one folder never share a picture
+        paths = {kind: out.with_name(f"{out.stem}_{kind}.png") for kind in paths}
+    return paths
+
+
 @dataclass(frozen=True)
 class AuditSetup:
     """How the audit ran: what `finish_audit` needs beside the scores, and audit.json records."""
@@ -419,9 +430,7 @@ def finish_audit(
     report = audit_report(variants, manifest.classes, setup.options, source)
     images, masks = first_sample(manifest, setup.split)
     visible = visible_region(model, manifest.image_size, setup.in_chans, setup.device, setup.lung_focus)
-    paths = {"examples": out.with_name(AUDIT_EXAMPLES_PNG), "visible": out.with_name(AUDIT_VISIBLE_PNG)}
-    if out.name != AUDIT_FILE:  # another name: pictures named after it, so two audits never share one
-        paths = {kind: out.with_name(f"{out.stem}_{kind}.png") for kind in paths}
+    paths = picture_paths(out)
     written = [
         draw_examples(images, masks, paths["examples"]),
         draw_visible(images, visible["support"], visible["fraction"], paths["visible"]),
@@ -521,8 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = find_model_dir(args.model)
     run_dir = _run_dir_of(model_dir)
     out = args.out or run_dir / AUDIT_FILE
-    if out.exists() and not args.force:
-        raise InputError(f"--out {out} exists; pass --force to replace it, or choose another name")
+    refuse_existing([out, *picture_paths(out).values()], args.force)
     check_writable_file(out)  # before the evaluation, so a long one is never thrown away
     manifest = read_manifest(args.shards)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only hosts: gloo ranks
@@ -535,11 +543,14 @@ def main(argv: list[str] | None = None) -> int:
         seed if args.seed is None else args.seed,
     )
     lung_focus = meta.lung_focus
+    # The precision training tested the model in (meta.json), so the intact numbers are test_metrics.json's.
+    precision, _why = eval_precision("auto", meta, torch.cuda.is_available())
     settings = ScoringSettings(
         device=state.device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         in_chans=meta.in_chans,
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
         lung_focus=lung_focus,
     )
     scores = score_variants(
@@ -554,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             device=state.device,
             lung_focus=lung_focus,
             gradcam_summary=summary if summary.exists() else None,
-            provenance={"model": str(model_dir), "shards": manifest.source},
+            provenance={"model": str(model_dir), "shards": manifest.source, "mixed_precision": precision},
         )
         report, written = finish_audit(scores, model, manifest, out, setup)
         console = Console(soft_wrap=True)  # paths stay on one line in logs

@@ -717,7 +717,11 @@ def write_audit(run: Run, audit: dict[str, SplitScores], temperature: float | No
         device=run.accelerator.device,
         lung_focus=cfg.data.lung_focus,
         gradcam_summary=summary if summary.exists() else None,
-        provenance={"model": str(run_dir / BEST_DIR), "shards": run.manifest.source},
+        provenance={
+            "model": str(run_dir / BEST_DIR),
+            "shards": run.manifest.source,
+            "mixed_precision": run.mixed_precision,
+        },
     )
     report, written = finish_audit(audit, eval_model(run), run.manifest, run_dir / AUDIT_FILE, setup)
     return report["verdict"]["line"], written

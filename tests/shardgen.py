@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def write_shards(
     seed: int = 0,
     bad_keys: frozenset[str] = frozenset(),
     masks: bool = False,
+    provenance_extra: Callable[[str, int], dict] | None = None,
 ) -> dict[str, Sample]:
     """Write ``{split}-NNNNNN.tar`` with the given per-shard sample counts, and the manifest.
 
@@ -52,7 +54,8 @@ def write_shards(
     "model" looking at the mean gray level is right most of the time. Keys in `bad_keys` get a PNG
     member that is not a PNG. With `masks`, every sample gets a ``<key>.mask.png`` lung mask (a random
     rectangle per sample, unlike any template) and the manifest says ``"masks": true``. Returns every
-    sample by key.
+    sample by key. `provenance_extra(key, label)` adds fields to a sample's ``.json`` (pack's ``group`` and
+    ``source``).
     """
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -78,6 +81,8 @@ def write_shards(
                         "orig_size": [image_size, image_size],
                         "pixel_sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
                     }
+                    if provenance_extra is not None:
+                        provenance.update(provenance_extra(key, label))
                     png = b"this is not a png" if key in bad_keys else _png(pixels)
                     sample = {
                         "__key__": key,

@@ -345,3 +345,25 @@ def test_cli_same_numbers_on_one_and_two_ranks(shortcut_run, tmp_path):
         m, t = variant["metrics"], trained[name]["metrics"]
         assert m["confusion_matrix"] == t["confusion_matrix"]
         assert m["macro"]["roc_auc"] == pytest.approx(t["macro"]["roc_auc"], abs=1e-3)
+
+
+def test_per_source_metrics_when_pack_recorded_sources(tmp_path):
+    """Sources in the samples' provenance give metrics with intervals per source; none give null."""
+    from cxrdist.audit import per_source
+
+    def source(key: str, label: int) -> dict:
+        return {"group": f"g{label}", "source": "https://a.example" if label < 2 else "https://b.example"}
+
+    settings = ScoringSettings(device=torch.device("cpu"), batch_size=4, num_workers=0, in_chans=1)
+    options = AuditOptions(None, 50, 0)
+    for folder, extra in (("with", source), ("without", None)):
+        write_shards(tmp_path / folder, {"test": [7, 9]}, image_size=SIZE, provenance_extra=extra)
+        manifest = read_manifest(str(tmp_path / folder))
+        scores = score_variants(TinyModel().eval(), manifest, "test", settings)
+        found = per_source(scores["intact"], manifest, "test", manifest.classes, options)
+        if extra is None:
+            assert found is None
+            continue
+        assert sorted(found) == ["https://a.example", "https://b.example"]
+        a = found["https://a.example"]
+        assert a["num_samples"] == 8 and a["intervals"]["settings"]["resamples"] == 50
