@@ -886,16 +886,48 @@ def full_page_screenshot(driver, path: Path, width: int = 1200) -> None:
 def test_report_renders_in_a_real_browser(tmp_path):
     metrics = run_metrics()
     run = make_run(tmp_path / "run", metrics=metrics, real_plots=True)
+    atomic_write_json(run / "manifest.json", manifest(source="/work/demo_out/synthetic"))  # the demo's data
+    audit = audit_report()
+    add_audit(run, audit)
     write_report(run)
     server, requests = serve(run)
     driver = chromium_driver(tmp_path / "profile")
     try:
         driver.get(f"http://127.0.0.1:{server.server_port}/report.html")
+        # The first screen, before any scrolling: what data the page shows, and the audit's verdict.
+        first = driver.execute_script(
+            "return ['data-statement', 'verdict'].map(id => {"
+            " const e = document.getElementById(id), r = e.getBoundingClientRect();"
+            " return [e.innerText, r.top, r.bottom, r.left, r.right]; })"
+        )
+        height = driver.execute_script("return window.innerHeight")
+        (statement, *box), (verdict, *verdict_box) = first
+        assert statement.startswith("Data: synthetic chest radiographs, drawn by shard_tools.synth")
+        assert "not how a model does on real radiographs" in statement
+        assert verdict == f"Does the model read the lungs? {audit['verdict']['line']} The audit."
+        assert 0 <= box[0] < box[1] < verdict_box[1] < height  # both inside the first screen
+        assert driver.title == "resnet18 trained on synthetic radiographs"
+        driver.save_screenshot(str(tmp_path / "first_screen.png"))
+        with Image.open(tmp_path / "first_screen.png") as shot:
+            scale = shot.width / driver.execute_script("return window.innerWidth")
+            x, y = int((box[2] + 6) * scale), int((box[0] + 4) * scale)
+            assert shot.convert("RGB").getpixel((x, y)) == (0xFD, 0xF6, 0xE7)  # the synthetic box, drawn
+        # The pack command breaks between arguments only: each option with its value on one line.
+        lines = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#pack-command .cmd'))"
+            ".map(e => e.getClientRects().length)"
+        )
+        assert lines and set(lines) == {1}
+        # The Grad-CAM grid is shown at a readable size, not ~470 px for 16 images.
+        grid_width = driver.execute_script(
+            "return document.querySelector('img[data-file=\"gradcam/gradcam_grid_test.png\"]').width"
+        )
+        assert grid_width >= 850
         images = driver.execute_script(
             "return Array.from(document.images)"
             ".map(i => [i.dataset.file, i.complete, i.naturalWidth, i.naturalHeight])"
         )
-        assert sorted(f for f, *_ in images) == sorted(PNGS)
+        assert sorted(f for f, *_ in images) == sorted([*PNGS, "audit_visible.png", "audit_examples.png"])
         for file, complete, width, height in images:
             with Image.open(run / file) as im:
                 assert complete and (width, height) == im.size, file
@@ -917,6 +949,8 @@ def test_report_renders_in_a_real_browser(tmp_path):
             keys = ("precision", "recall", "specificity", "f1", "roc_auc")
             assert values == [fmt(metrics["per_class"][name][k]) for k in keys]
         assert text("#temperature") == f"{metrics['calibration']['temperature']:.3f}"
+        hidden = audit["variants"]["lungs_hidden"]["metrics"]["balanced_accuracy"]
+        assert text('#audit-variants tr[data-variant="lungs_hidden"] td.flag .v') == fmt(hidden)
         # Numbers right-aligned, as the stylesheet says.
         align = driver.execute_script(
             "return getComputedStyle(document.querySelector('#per-class td.num')).textAlign"
