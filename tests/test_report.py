@@ -432,6 +432,8 @@ def test_full_page_shows_every_section_with_the_runs_numbers(full_run):
     assert words == ["python", "-m shard_tools.pack", source, out, "--size 224"]
     assert "groups (patients)" not in data and "none recorded" in data
 
+    assert "; computed in bf16 autocast." in section(page, "summary")  # config.toml's header
+
     # Training, Grad-CAM, model card, recipe.
     training = section(page, "training")
     assert "best epoch (3)" in training and "last epoch (6)" in training and "6 epochs in 3.0 min" in training
@@ -786,6 +788,7 @@ def test_metrics_file_from_evaluate_puts_tta_results_on_the_page(tmp_path, capsy
         "model": str(run / "best"),
     }
     evaluated.pop("best_epoch")
+    evaluated["precision"] = {"mixed_precision": "no", "model_tested_in": "bf16"}  # evaluate says which
     atomic_write_json(run / "best" / "eval_test.json", evaluated)
     pil_png(run / "best" / "eval_test_roc.png", (1, 2, 3))
 
@@ -799,6 +802,7 @@ def test_metrics_file_from_evaluate_puts_tta_results_on_the_page(tmp_path, capsy
     page = (run / "report.html").read_text()
     assert 'data-evaluation="' not in page
     assert "Test results from <code>best/eval_test.json</code>, written by" in section(page, "summary")
+    assert "; computed in fp32." in section(page, "summary")
     cells = row(section(page, "tta"), "data-metric", "accuracy")
     assert fmt(evaluated["accuracy"]) in cells and fmt(evaluated["without_tta"]["accuracy"]) in cells
     assert fmt(evaluated["accuracy"]) in row(page, "data-metric", "accuracy")

@@ -161,7 +161,7 @@ def gather_summary(run: RunRecord) -> dict[str, Any]:
         "model": get(run.config, "model", "name"),
         "probabilities": get(m, "probabilities", "source"),
         "tta": uses_tta(m),
-        "precision": m.get("mixed_precision") or m.get("precision"),
+        "precision": _precision(run),
         "settings": (
             {k: settings.get(k) for k in ("level", "method", "resamples", "seed")}
             if isinstance(settings := get(run.intervals, "settings"), dict)
@@ -171,6 +171,14 @@ def gather_summary(run: RunRecord) -> dict[str, Any]:
         "from_evaluate": run.metrics_file != run.run_dir / TEST_METRICS_FILE,
         "other_evaluations": _other_evaluations(run),
     }
+
+
+def _precision(run: RunRecord) -> str | None:
+    """The precision the test numbers were computed in: evaluate records it in its JSON ("precision"),
+    training in config.toml's header. A number travels with the precision it was computed in."""
+    used = get(run.metrics, "precision", "mixed_precision") or run.header.get("mixed_precision used")
+    names = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+    return names.get(used, used) if isinstance(used, str) else None
 
 
 def _value(value: Any, interval: Any = None) -> dict[str, Any]:
