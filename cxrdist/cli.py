@@ -94,9 +94,13 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
     files, missing = [], []
     for item in inputs:
         path = Path(item)
+        # Not only regular files: a FIFO or a link to /dev/zero named like an image is listed, so that
+        # `images.load_gray` refuses it by name ("not a regular file") instead of it vanishing silently.
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
+            files += sorted(
+                p for p in path.rglob("*") if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+        elif path.exists():
             files.append(path)
         else:
             missing.append((item, "no such file or directory"))

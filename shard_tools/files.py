@@ -5,18 +5,69 @@ under a temporary name in its target's own folder and renamed into place. A cras
 disk leaves the previous complete output (or nothing), plus at most a hidden temporary entry that the next
 run of the same command removes (`remove_stale_staging`).
 
-Temporary names: files ``.<name>.<random>.tmp``; folders ``.<name>.tmp-<pid>-<random>`` (the pid lets a
-later run tell a crashed run's leftovers from a live run's folder).
+Temporary names: files ``.<name>.<random>.tmp``; folders ``.<name>.tmp-<pid>-<random>``, and a previous
+folder moved aside during a swap ``.<name>.tmp-<pid>-<random>.old`` (the pid lets a later run tell a
+crashed run's leftovers from a live run's folder). Only names of this shape are ever removed: a user's own
+``.<name>.old`` or ``.<name>.bak`` beside the output is never touched.
+
+Reading what a user gave (an image, a CSV) goes through `read_input_file`: only a regular file, at most
+`MAX_INPUT_BYTES`, checked before a byte is read. A FIFO would block forever, /dev/zero never ends, and a
+sparse file can claim gigabytes; each is refused with a reason that names it instead.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
+
+# The largest input file read: 256 MiB, far above any radiograph (a few MB) or groups CSV, and the same
+# limit zip members have (`sources.MAX_MEMBER_BYTES`).
+MAX_INPUT_BYTES = 256 * 2**20
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
+class RefusedInput(OSError):
+    """An input file refused before reading: not a regular file, or too large. `strerror` says which."""
+
+
+def input_problem(st: os.stat_result, limit: int = MAX_INPUT_BYTES) -> str | None:
+    """Why a file with this `os.stat` (links followed) is not read as input; None when it may be."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')})"
+    if st.st_size > limit:
+        return f"too large: {st.st_size} bytes, more than the limit of {limit} ({limit / 2**20:g} MiB)"
+    return None
+
+
+def read_input_file(path: Path | str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Raises `RefusedInput` for anything else (a
+    FIFO, a device, a link to one, a larger file), before reading it; `OSError` when it cannot be read."""
+    problem = input_problem(os.stat(path), limit)
+    if problem is None:
+        # O_NONBLOCK: if a FIFO took the file's place since the stat, opening it still returns at once.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            problem = input_problem(os.fstat(fd), limit)
+            if problem is None:
+                data = f.read(limit + 1)
+                if len(data) <= limit:
+                    return data
+                problem = f"too large: more than the limit of {limit} bytes ({limit / 2**20:g} MiB)"
+    raise RefusedInput(errno.EINVAL, problem, str(path))
 
 
 def umask() -> int:
@@ -72,20 +123,21 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_staging(final: Path | str) -> list[Path]:
     """Remove the temporary folders a crashed or killed run left beside `final` (those whose process is
-    gone); return what was removed. A live run's folder is left alone."""
+    gone); return what was removed. A live run's folder is left alone. A previous folder that a swap
+    interrupted between its two renames had moved aside is put back in place, not removed."""
     final = Path(final)
     removed = []
     if not final.parent.is_dir():
         return removed
-    for p in final.parent.glob(f".{final.name}.tmp-*-*"):
+    for p in sorted(final.parent.glob(f".{final.name}.tmp-*-*")):
         pid = p.name[len(f".{final.name}.tmp-") :].split("-", 1)[0]
-        if p.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    old = final.with_name(f".{final.name}.old")
-    if old.is_dir():  # a swap interrupted after moving the previous folder aside and placing the new one
-        shutil.rmtree(old, ignore_errors=True)
-        removed.append(old)
+        if not (p.is_dir() and not p.is_symlink() and pid.isdigit() and not _pid_alive(int(pid))):
+            continue
+        if p.name.endswith(".old") and not (final.exists() or final.is_symlink()):
+            os.replace(p, final)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
     return removed
 
 
@@ -97,9 +149,8 @@ def replace_dir(tmp_dir: Path | str, final_dir: Path | str) -> None:
     second rename fails, the previous folder is put back.
     """
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    old = final_dir.with_name(f".{final_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
+    # A name only this call makes (see the module docstring): `.<name>.old` may be the user's own folder.
+    old = final_dir.with_name(f".{final_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.old")
     if final_dir.exists() or final_dir.is_symlink():
         os.replace(final_dir, old)
     try:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from shard_tools.errors import InputError
+from shard_tools.files import read_input_file
 
 _SHOWN = 5  # examples listed in an error or warning
 
@@ -81,7 +82,7 @@ def read_groups(
     `cxrdist.evaluate --subgroups` (column "subgroup")."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_input_file(path)  # a regular file of at most 256 MiB: a FIFO or /dev/zero is refused
         text = raw.decode("utf-8-sig")
     except OSError as e:
         raise InputError(f"{option} {path} cannot be read: {e.strerror or e}") from None

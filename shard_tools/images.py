@@ -63,6 +63,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shard_tools.errors import InputError
+from shard_tools.files import RefusedInput, read_input_file
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -220,6 +221,13 @@ def _decode_pil(data: bytes, what: str) -> np.ndarray:
         # PIL reports truncation as OSError("image file is truncated ...") and bad chunks as
         # SyntaxError/ValueError; its message names the cause.
         raise ImageError(what, f"corrupt or truncated image: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:
+        # Pillow trusts the types that EXIF and TIFF tags declare, so a damaged tag surfaces as
+        # struct.error, TypeError, AttributeError... (in exif_transpose, or loading a TIFF): the file is
+        # unreadable, like any other damaged file, not a crash.
+        raise ImageError(what, f"damaged image tags or data ({type(e).__name__}: {_one_line(e)})") from e
 
 
 # ------------------------------------------------------------------------------------------------ DICOM
@@ -341,14 +349,31 @@ def _decode_dicom(data: bytes, what: str) -> np.ndarray:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)  # force: files without the preamble too
-        return _dicom_to_gray(ds, what)
+        # pydicom warns (and logs) about each oddity of a file it can still read; the file either
+        # decodes or becomes one ImageError here, so its warnings would only be noise on stderr.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)  # force: files without the preamble too
+            first = next(iter(ds.keys()), None)
+            if data[128:132] != b"DICM" and not (first is not None and _known_tag(first)):
+                # Without the marker only the name said DICOM; a text file parses as one junk element.
+                raise ImageError(
+                    what, "not a DICOM file (no 'DICM' marker, and it does not start with a DICOM element)"
+                )
+            return _dicom_to_gray(ds, what)
     except ImageError:
         raise
     except Exception as e:
         # pydicom parses elements when they are first used, so a damaged file can fail at any step, with
         # any exception type (NotImplementedError for a garbled VR, AttributeError, struct.error, ...).
         raise ImageError(what, f"not a readable DICOM file: {_one_line(e)}") from e
+
+
+def _known_tag(tag: int) -> bool:
+    """A tag a real DICOM file can start with: a group length (gggg,0000) or one in pydicom's dictionary."""
+    from pydicom.datadict import dictionary_has_tag
+
+    return tag & 0xFFFF == 0 or dictionary_has_tag(tag)
 
 
 def _dicom_to_gray(ds: Dataset, what: str) -> np.ndarray:
@@ -366,7 +391,13 @@ def _dicom_to_gray(ds: Dataset, what: str) -> np.ndarray:
         raise ImageError(
             what, f"{columns}x{rows} pixels exceeds the limit of {MAX_PIXELS} (not a radiograph)"
         )
+    from pydicom.uid import RLELossless
+
     syntax = _check_transfer_syntax(ds, what)
+    if ds.file_meta.TransferSyntaxUID == RLELossless:
+        # pydicom's own RLE decoder: pylibjpeg-rle, when installed, would be preferred, and it prints a
+        # Rust panic on stderr for corrupt data before raising.
+        ds.pixel_array_options(decoding_plugin="pydicom")
     try:
         arr = ds.pixel_array  # YBR_* colour comes back as RGB
     except Exception as e:  # plugins fail with RuntimeError, ValueError, OSError, ... on bad data
@@ -408,7 +439,9 @@ def decode_gray(src: str | Path | bytes, *, name: str | None = None) -> np.ndarr
         data = bytes(src)
     else:
         try:
-            data = Path(src).read_bytes()
+            data = read_input_file(src)
+        except RefusedInput as e:  # a FIFO, a device or a link to one, a huge or sparse file
+            raise ImageError(what, e.strerror) from e
         except OSError as e:
             raise ImageError(what, f"cannot read: {e.strerror or e}") from e
     if not data:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+import struct
 import zipfile
 import zlib
 from collections import Counter, defaultdict
@@ -33,11 +34,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shard_tools.errors import InputError
+from shard_tools.files import MAX_INPUT_BYTES, input_problem
 from shard_tools.images import IMAGE_SUFFIXES
 from shard_tools.schema import normalize_class_name, sample_key, slug
 
-# A member larger than this is not read (a zip can declare any size; radiographs are a few MB).
-MAX_MEMBER_BYTES = 256 * 2**20
+# A member larger than this is not read (a zip can declare any size; radiographs are a few MB); the same
+# limit as for a file on disk.
+MAX_MEMBER_BYTES = MAX_INPUT_BYTES
 
 # macOS's Finder adds this folder of resource forks to the zips it makes.
 _ZIP_JUNK = "__MACOSX"
@@ -69,6 +72,7 @@ class Tree:
     dirs: dict[str, list[str]] = field(default_factory=dict)  # zip only: folder -> sorted sub-folders
     files: dict[str, list[str]] = field(default_factory=dict)  # zip only: folder -> sorted file names
     ignored: list[str] = field(default_factory=list)  # zip members never read (unsafe names)
+    unlisted: list[str] = field(default_factory=list)  # zip members its central directory omits (damaged)
 
     def subdirs(self, rel: str) -> list[str]:
         """Names of the visible sub-folders of `rel` ("" is the root), sorted."""
@@ -89,6 +93,16 @@ class Tree:
         if self.is_zip:
             return str(self.src), self.root + rel
         return "", str(self.src / rel)
+
+    def unreadable(self, rel: str) -> str | None:
+        """Why the file at `rel` will not be read, judged from its metadata alone (a FIFO would block,
+        /dev/zero never ends); None when it may be. Zip members are checked as they are read."""
+        if self.is_zip:
+            return None
+        try:
+            return input_problem(os.stat(self.src / rel))
+        except OSError as e:  # a dangling link
+            return f"cannot read: {e.strerror or e}"
 
     def describe(self, rel: str = "") -> str:
         """`rel` as a user would find it: a path on disk, or `archive.zip:member/`."""
@@ -116,6 +130,8 @@ def open_tree(src: Path, class_names: Sequence[str]) -> Tree:
             raise InputError(f"SRC {src} does not exist")
         if src.is_dir():
             return Tree(src, is_zip=False)
+        if not src.is_file():  # a FIFO would block the zip check forever
+            raise InputError(f"SRC {src} is neither a folder nor a regular file; give the folder or the .zip")
         if not zipfile.is_zipfile(src):
             raise InputError(
                 f"SRC {src} is a file but not a zip archive; give the database folder (the one holding a "
@@ -123,11 +139,53 @@ def open_tree(src: Path, class_names: Sequence[str]) -> Tree:
             )
         with zipfile.ZipFile(src) as zf:
             names = zf.namelist()
+            unlisted = unlisted_members(src, zf)
     except OSError as e:
         raise InputError(f"SRC {src} cannot be read: {e.strerror or e}") from None
     except zipfile.BadZipFile as e:
         raise InputError(f"SRC {src} is a damaged zip archive ({e}); download it again") from None
-    return _zip_tree(src, names, class_names)
+    tree = _zip_tree(src, names, class_names)
+    tree.unlisted = unlisted
+    return tree
+
+
+# The most bytes read between members while looking for ones the central directory does not list.
+_UNLISTED_SCAN_BYTES = 64 * 2**20
+
+
+def unlisted_members(src: Path, zf: zipfile.ZipFile) -> list[str]:
+    """Names of members stored in the zip that its central directory does not list (a damaged
+    directory): zipfile reads only the directory, so without this they would vanish without a word.
+
+    Every listed member's local header gives the bytes it spans; a member header in the bytes between
+    them (or before the directory) is an unlisted member, named from its own header."""
+    spans = []
+    with open(src, "rb") as f:
+        for info in zf.infolist():
+            f.seek(info.header_offset)
+            head = f.read(30)
+            if len(head) == 30 and head[:4] == b"PK\x03\x04":  # else reading it fails, and says so
+                n, m = struct.unpack("<HH", head[26:30])
+                spans.append((info.header_offset, info.header_offset + 30 + n + m + info.compress_size))
+        spans.sort()
+        gaps, pos = [], 0
+        for start, end in [*spans, (getattr(zf, "start_dir", pos), 0)]:
+            if start - pos >= 30:
+                gaps.append((pos, start))
+            pos = max(pos, end)
+        names, budget = [], _UNLISTED_SCAN_BYTES
+        for start, end in gaps:
+            f.seek(start)
+            gap = f.read(min(end - start, max(budget, 0)))
+            budget -= len(gap)
+            i = gap.find(b"PK\x03\x04")
+            while 0 <= i <= len(gap) - 30:
+                (flags,), (n,) = struct.unpack_from("<H", gap, i + 6), struct.unpack_from("<H", gap, i + 26)
+                raw = gap[i + 30 : i + 30 + n]
+                if 0 < n == len(raw):
+                    names.append(raw.decode("utf-8" if flags & 0x800 else "cp437", errors="replace"))
+                i = gap.find(b"PK\x03\x04", i + 4)
+    return names
 
 
 def is_unsafe_member(name: str) -> bool:
@@ -223,8 +281,9 @@ def image_dir(tree: Tree, class_dir: str) -> str:
 def list_sources(
     tree: Tree, class_dirs: dict[str, str], class_names: Sequence[str]
 ) -> tuple[list[Source], list[dict[str, str]]]:
-    """All candidate images, sorted by (label, path), with unique keys; and the non-image files skipped
-    (sub-folders such as `masks/` and hidden files are not listed at all)."""
+    """All candidate images, sorted by (label, path), with unique keys; and the files skipped: not named
+    like images, or not regular files of at most `MAX_INPUT_BYTES` (sub-folders such as `masks/` and
+    hidden files are not listed at all)."""
     found: list[tuple[str, int, str, str]] = []  # class, label, rel, path relative to the image folder
     skipped: list[dict[str, str]] = []
     for label, c in enumerate(class_names):
@@ -237,10 +296,12 @@ def list_sources(
             raise InputError(f"{tree.describe(class_dirs[c])} cannot be read: {e.strerror or e}") from None
         for name in names:
             rel = f"{folder}/{name}"
-            if posixpath.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                found.append((c, label, rel, name))
-            else:
+            if posixpath.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                 skipped.append({"path": rel, "reason": f"not a {'/'.join(IMAGE_SUFFIXES)} file"})
+            elif (why := tree.unreadable(rel)) is not None:  # a FIFO, a link to /dev/zero, 2 GB
+                skipped.append({"path": rel, "reason": why})
+            else:
+                found.append((c, label, rel, name))
     keys = assign_keys([(c, name) for c, _, _, name in found])
     sources = [
         Source(rel=rel, class_name=c, label=label, key=k, archive=archive, name=name)
@@ -254,25 +315,21 @@ def find_masks(
     tree: Tree, class_dirs: dict[str, str], sources: Sequence[Source]
 ) -> tuple[list[Source], list[str]]:
     """`sources` with their lung masks attached (`Source.mask_rel`, `mask_name`), and the orphans: mask
-    files (rel paths, sorted) whose stem matches no file in their class's image folder (a file skipped as
-    unreadable still counts: its mask is not an orphan). A class without a `masks/` folder gives its
-    images no mask. Non-image files in `masks/` are not masks and are not listed."""
+    files (rel paths, sorted) whose stem matches no image of their class. A class without a `masks/`
+    folder gives its images no mask. Non-image files in `masks/` are not masks and are not listed."""
     by_stem: dict[tuple[str, str], list[str]] = defaultdict(list)  # (class folder, stem) -> mask rels
-    orphans: list[str] = []
     for d in class_dirs.values():
         folder = f"{d}/masks"
         try:
             if "masks" not in tree.subdirs(d):
                 continue
             names = tree.file_names(folder)
-            image_stems = {posixpath.splitext(n)[0] for n in tree.file_names(image_dir(tree, d))}
         except OSError as e:
             raise InputError(f"{tree.describe(folder)} cannot be read: {e.strerror or e}") from None
         for name in names:
             if posixpath.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 by_stem[(d, posixpath.splitext(name)[0])].append(f"{folder}/{name}")
-                if posixpath.splitext(name)[0] not in image_stems:
-                    orphans.append(f"{folder}/{name}")
+    used: set[str] = set()
     out = []
     for s in sources:
         d = class_dirs[s.class_name]
@@ -281,9 +338,11 @@ def find_masks(
         exact = [m for m in candidates if m.rsplit("/", 1)[-1] == image_name]
         mask_rel = (exact or sorted(candidates) or [""])[0]
         if mask_rel:
+            used.add(mask_rel)
             s = replace(s, mask_rel=mask_rel, mask_name=tree.locate(mask_rel)[1])
         out.append(s)
-    return out, sorted(orphans)
+    orphans = sorted(m for ms in by_stem.values() for m in ms if m not in used)
+    return out, orphans
 
 
 def find_sheets(tree: Tree, class_names: Sequence[str], suffix: str) -> dict[str, str]:

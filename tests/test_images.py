@@ -18,7 +18,7 @@ import pytest
 from dicomgen import dicom_bytes, dicom_dataset, write_dicom
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import convert_color_space, get_decoder
 from pydicom.uid import JPEG2000, MPEG2MPML, JPEG2000Lossless, RLELossless
 
@@ -324,7 +324,7 @@ def _damaged(data: bytes, rng: np.random.Generator, start: int, end: int, trials
     return copies
 
 
-def test_damaged_dicom_files_give_an_image_error_or_an_image_never_a_crash():
+def test_damaged_dicom_files_give_an_image_error_or_an_image_never_a_crash(capfd):
     # pack skips a file only on ImageError: anything else pydicom or a plugin raises (a garbled VR, a
     # missing element, a panic in the Rust RLE decoder, which is a BaseException) would stop the run.
     rle = dicom_dataset(RAMP12, bits_stored=12, WindowCenter=2048, WindowWidth=1024)
@@ -334,6 +334,9 @@ def test_damaged_dicom_files_give_an_image_error_or_an_image_never_a_crash():
     files = _damaged(rle_data, rng, len(rle_data) - 4000, len(rle_data), 60)  # in the RLE segments
     files += _damaged(bare, rng, 0, 300, 60)  # in the header
     files += [rle_data[:n] for n in range(100, len(rle_data), 250)]  # truncated
+    frame = next(generate_frames(rle.PixelData, number_of_frames=1))
+    rle.PixelData = encapsulate([(3).to_bytes(4, "little") + frame[4:]])  # 3 RLE segments declared, not 2
+    files.append(dicom_bytes(rle))
     reasons = []
     for data in files:
         try:
@@ -347,6 +350,9 @@ def test_damaged_dicom_files_give_an_image_error_or_an_image_never_a_crash():
     )
     assert any(r.startswith("not a readable DICOM file") for r in reasons)
     assert any("without pixel data" in r for r in reasons)
+    # pylibjpeg-rle printed a Rust panic (138 lines with RUST_BACKTRACE=1) before raising, and pydicom
+    # warned about each oddity: an unreadable file is one ImageError and nothing on stderr.
+    assert capfd.readouterr().err == ""
 
 
 def test_image_error_is_an_input_error_that_pickles():

@@ -24,7 +24,7 @@ from shard_tools import images
 from shard_tools import pack as pack_mod
 from shard_tools.cli import run_main
 from shard_tools.errors import InputError
-from shard_tools.pack import PackError, main, pack, shard_counts
+from shard_tools.pack import PackError, TooManySkipped, main, pack, shard_counts
 from shard_tools.schema import CLASSES, MANIFEST_NAME, SPLITS
 from shard_tools.sources import assign_keys
 from shard_tools.splits import split_sizes
@@ -351,6 +351,8 @@ def test_bad_input_fails_clearly_and_leaves_no_out(case: str, message: str, synt
     # PackError for what pack itself checks; InputError (its base) for SRC and OUT, checked by
     # shard_tools.sources and shard_tools.outdir.
     error = InputError if case in ("missing_src", "no_class_folders", "out_not_empty") else PackError
+    if case == "too_many_skipped":  # the run failed (exit 1), as for any unreadable image
+        error = TooManySkipped
     with pytest.raises(error, match=re.escape(message)):
         pack(src, out, size=32, progress=False, **kwargs)
     if case == "out_not_empty":

@@ -100,7 +100,8 @@ def test_verify_and_synth_print_no_traceback_on_a_clean_run(tmp_path: Path):
         )
         assert synth.returncode == 0 and "Traceback" not in synth.stderr, synth.stderr
     pack = subprocess.run(
-        run + ["shard_tools.pack", str(tmp_path / "s"), str(tmp_path / "sh"), "--size", "32"]
+        run
+        + ["shard_tools.pack", str(tmp_path / "s"), str(tmp_path / "sh"), "--size", "32"]
         + ["--min-shards", "4", "--no-progress"],
         capture_output=True,
         text=True,
