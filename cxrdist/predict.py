@@ -180,11 +180,13 @@ def describe(path: Path, probs: np.ndarray, classes, positive: str | None, thres
         "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
     }
     if positive is not None:
-        p = float(probs[list(classes).index(positive)])
+        # Decided on the probability the record reports, so that the record agrees with itself: a
+        # threshold copied from an earlier output (6 decimals) gives the same call for that image.
+        p = round(float(probs[list(classes).index(positive)]), 6)
         record["decision"] = {
             "class": positive,
             "threshold": threshold,
-            "probability": round(p, 6),
+            "probability": p,
             "call": "positive" if p >= threshold else "negative",
         }
     return record

@@ -403,3 +403,15 @@ def test_evaluate_repeats_trainings_test_numbers_of_a_bf16_run(train_shards: Pat
     assert res.returncode == 0, res.stderr[-3000:]
     assert "training tested the model in bf16 autocast" in res.stdout
     assert json.loads(fp32.read_text())["loss"] != trained["loss"]
+
+
+def test_predict_decision_agrees_with_the_probability_it_reports() -> None:
+    """A threshold copied from an earlier output (6 decimals) calls that image positive."""
+    import numpy as np
+
+    from cxrdist.predict import describe
+
+    probs = np.array([0.12345599, 0.87654401])  # reported as 0.123456
+    record = describe(Path("x.png"), probs, ("COVID", "Normal"), "COVID", 0.123456)
+    assert record["decision"]["probability"] == 0.123456
+    assert record["decision"]["call"] == "positive"
