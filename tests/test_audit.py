@@ -367,3 +367,33 @@ def test_per_source_metrics_when_pack_recorded_sources(tmp_path):
         assert sorted(found) == ["https://a.example", "https://b.example"]
         a = found["https://a.example"]
         assert a["num_samples"] == 8 and a["intervals"]["settings"]["resamples"] == 50
+
+
+def test_eval_batches_carry_the_shards_masks(tmp_path):
+    """The loader's masks are each sample's own (True = lung); a manifest without masks cannot give them."""
+    from cxrdist.data import eval_batches
+
+    samples = write_shards(tmp_path / "m", {"test": [5, 4]}, image_size=SIZE, masks=True)
+    manifest = read_manifest(str(tmp_path / "m"))
+    seen = 0
+    for images, _labels, keys, masks in eval_batches(
+        manifest, "test", batch_size=3, rank=0, world_size=1, num_workers=0, masks=True
+    ):
+        assert masks.dtype == torch.bool and masks.shape == images.shape
+        for key, mask in zip(keys, masks, strict=True):
+            np.testing.assert_array_equal(mask[0].numpy(), samples[key].mask)
+            seen += 1
+    assert seen == 9
+    write_shards(tmp_path / "plain", {"test": [3]}, image_size=SIZE)
+    with pytest.raises(ValueError, match="lung masks"):
+        next(
+            eval_batches(
+                read_manifest(str(tmp_path / "plain")),
+                "test",
+                batch_size=2,
+                rank=0,
+                world_size=1,
+                num_workers=0,
+                masks=True,
+            )
+        )
