@@ -315,21 +315,25 @@ def find_masks(
     tree: Tree, class_dirs: dict[str, str], sources: Sequence[Source]
 ) -> tuple[list[Source], list[str]]:
     """`sources` with their lung masks attached (`Source.mask_rel`, `mask_name`), and the orphans: mask
-    files (rel paths, sorted) whose stem matches no image of their class. A class without a `masks/`
-    folder gives its images no mask. Non-image files in `masks/` are not masks and are not listed."""
+    files (rel paths, sorted) whose stem matches no file in their class's image folder (a file skipped as
+    unreadable still counts: its mask is not an orphan). A class without a `masks/` folder gives its
+    images no mask. Non-image files in `masks/` are not masks and are not listed."""
     by_stem: dict[tuple[str, str], list[str]] = defaultdict(list)  # (class folder, stem) -> mask rels
+    orphans: list[str] = []
     for d in class_dirs.values():
         folder = f"{d}/masks"
         try:
             if "masks" not in tree.subdirs(d):
                 continue
             names = tree.file_names(folder)
+            image_stems = {posixpath.splitext(n)[0] for n in tree.file_names(image_dir(tree, d))}
         except OSError as e:
             raise InputError(f"{tree.describe(folder)} cannot be read: {e.strerror or e}") from None
         for name in names:
             if posixpath.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 by_stem[(d, posixpath.splitext(name)[0])].append(f"{folder}/{name}")
-    used: set[str] = set()
+                if posixpath.splitext(name)[0] not in image_stems:
+                    orphans.append(f"{folder}/{name}")
     out = []
     for s in sources:
         d = class_dirs[s.class_name]
@@ -338,11 +342,9 @@ def find_masks(
         exact = [m for m in candidates if m.rsplit("/", 1)[-1] == image_name]
         mask_rel = (exact or sorted(candidates) or [""])[0]
         if mask_rel:
-            used.add(mask_rel)
             s = replace(s, mask_rel=mask_rel, mask_name=tree.locate(mask_rel)[1])
         out.append(s)
-    orphans = sorted(m for ms in by_stem.values() for m in ms if m not in used)
-    return out, orphans
+    return out, sorted(orphans)
 
 
 def find_sheets(tree: Tree, class_names: Sequence[str], suffix: str) -> dict[str, str]:
