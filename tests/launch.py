@@ -70,17 +70,21 @@ def accelerate_launch(num_processes: int, module: str, *args: str, timeout: floa
     )
 
 
-def fast_overrides(run_dir: Path, shards: Path, epochs: int, *extra: str) -> list[str]:
-    """`--set` arguments for a seconds-long run of recipes/demo.toml with the tiny timm model."""
+def overrides(run_dir: Path, shards: Path, epochs: int, *extra: str, batch: int = 16) -> list[str]:
+    """`--set` arguments that shrink any recipe to a test run: its run folder and shards, `epochs`, small
+    batches, one loader worker, a small shuffle buffer; then `extra` ("section.key=value", later wins)."""
     sets = [
         f"run.dir={run_dir}",
         f"data.shards={shards}",
         f"train.epochs={epochs}",
-        f"model.name={FAST_MODEL}",
-        "train.per_device_batch_size=16",
-        "train.mixed_precision=no",
+        f"train.per_device_batch_size={batch}",
         "data.num_workers=1",
         "data.shuffle_buffer=64",
         *extra,
     ]
     return [arg for s in sets for arg in ("--set", s)]
+
+
+def fast_overrides(run_dir: Path, shards: Path, epochs: int, *extra: str) -> list[str]:
+    """`overrides` for a seconds-long run of recipes/demo.toml with the tiny timm model, in fp32."""
+    return overrides(run_dir, shards, epochs, f"model.name={FAST_MODEL}", "train.mixed_precision=no", *extra)

@@ -5,18 +5,26 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 
 import pytest
 import torch
 
+import cxrdist
 from cxrdist.artifacts import (
     ModelDirError,
+    ModelMeta,
     export_model,
     find_model_dir,
+    git_commit,
     load_model_files,
+    model_meta,
     provenance,
 )
+from cxrdist.augment import normalize_stats
 from shard_tools.files import atomic_write_json
+
+from launch import ROOT
 
 
 def test_atomic_write_leaves_one_file_with_umask_permissions(tmp_path):
@@ -63,6 +71,29 @@ def test_find_model_dir_errors_name_the_path(tmp_path):
 
 
 def test_provenance_names_version_and_commit():
+    """In a git checkout the commit is HEAD's (as git itself says), never the fallback."""
     prov = provenance()
-    assert prov["cxrdist_version"] and prov["torch_version"] == torch.__version__
-    assert prov["git_commit"] == "unknown" or len(prov["git_commit"].split("-")[0]) == 40
+    assert prov["cxrdist_version"] == cxrdist.__version__ and prov["torch_version"] == torch.__version__
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout: the fallback is tested below")
+    sha, _, dirty = prov["git_commit"].partition("-")
+    assert sha == head.stdout.strip() and dirty in ("", "dirty"), prov["git_commit"]
+
+
+def test_provenance_outside_git_says_unknown(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "cxrdist"  # an installed copy: no repository around it
+    package.mkdir(parents=True)
+    monkeypatch.setattr(cxrdist, "__file__", str(package / "__init__.py"))
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git must not find one further up
+    assert git_commit() == "unknown"
+
+
+def test_model_meta_is_what_model_meta_reads():
+    """The writer (`model_meta`, used by training) and the reader (`ModelMeta.from_dict`) agree."""
+    training = {"epoch": 4, "ema": True, "best_metric": "macro_f1", "val_metrics": {"macro_f1": 0.5}}
+    data = json.loads(json.dumps(model_meta("seed_cnn", 1, ("a", "b"), 112, training)))  # as on disk
+    meta = ModelMeta.from_dict(data, "meta.json")
+    assert (meta.model_name, meta.in_chans, meta.classes, meta.image_size) == ("seed_cnn", 1, ("a", "b"), 112)
+    assert (meta.mean, meta.std) == tuple(map(tuple, normalize_stats(1))) and meta.temperature is None
+    assert {k: data[k] for k in training} == training and data["provenance"] == provenance()

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import shutil
-import threading
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from servers import serving
 
 from cxrdist.data import (
     DataError,
@@ -212,21 +210,11 @@ def test_missing_or_truncated_shard_is_named(tmp_path):
 # ---------------------------------------------------------------------------------------------- sources
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
 def http_root(shards):
     out, _ = shards
-    handler = functools.partial(_QuietHandler, directory=str(out))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with serving(out) as server:
+        yield server.url
 
 
 def _eval_all(manifest, num_workers=0):

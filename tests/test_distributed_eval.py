@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,19 +20,14 @@ from dist_eval_worker import fake_probs
 from test_metrics import check_against_sklearn
 
 from cxrdist.data import eval_batches, read_manifest
-from cxrdist.metrics import confusion_matrix, summarize
+from cxrdist.stats.metrics import confusion_matrix, summarize
 
+from launch import free_port
 from shardgen import write_shards
 
 WORKER = Path(__file__).with_name("dist_eval_worker.py")
 TEST_SHARDS = [13, 9]  # 2 shards: with 3 ranks, one rank has none
 TRAIN_SHARDS = [3, 17, 5]  # unequal
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +68,7 @@ def _launch(shard_dir: Path, out: Path, world_size: int) -> dict:
     cmd = [
         *launch,
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         str(WORKER),
         str(shard_dir),
         str(out),

@@ -21,7 +21,7 @@ from torch import nn
 
 import cxrdist
 from cxrdist import export as export_module
-from cxrdist.artifacts import export_model, load_trained_model
+from cxrdist.artifacts import export_model, load_trained_model, model_meta
 from cxrdist.augment import eval_transform, normalize_stats
 from cxrdist.config import ModelConfig
 from cxrdist.export import export_onnx, main
@@ -30,13 +30,13 @@ from cxrdist.onnx_model import FORMAT, load_onnx
 from shard_tools.cli import run_main
 from shard_tools.errors import CxrdistError, InputError
 from shard_tools.images import load_gray
+from shard_tools.schema import CLASSES
 
 from launch import ROOT, quiet_env
 
 # Every test exports at least one model (torch.export: seconds each): not for the fast lane.
 pytestmark = pytest.mark.slow
 
-CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 TOLERANCE = 1e-4  # the issue's bound on |onnxruntime - PyTorch| per probability
 
 
@@ -65,19 +65,13 @@ def _make_confident(model: nn.Module, images: np.ndarray, in_chans: int, seed: i
 def save_run(
     run: Path, name: str, in_chans: int, images: np.ndarray, temperature: float | None = None
 ) -> Path:
-    """A run directory whose best/ holds a `name` model, laid out as `cxrdist.train.model_meta` writes it."""
+    """A run directory whose best/ holds a `name` model, its meta.json written by the code training uses
+    (`cxrdist.artifacts.model_meta`), with the temperature where `ModelMeta` reads it."""
     torch.manual_seed(0)
     model = create_model(ModelConfig(name=name, in_chans=in_chans), len(CLASSES))
     _make_confident(model, images, in_chans, seed=1)
-    mean, std = normalize_stats(in_chans)
-    meta = {
-        "model": {"name": name, "in_chans": in_chans},
-        "classes": CLASSES,
-        "image_size": images.shape[-1],
-        "normalization": {"mean": list(mean), "std": list(std), "input": "uint8 gray / 255"},
-        "epoch": 3,
-        "provenance": {"cxrdist_version": cxrdist.__version__, "git_commit": "test"},
-    }
+    training = {"epoch": 3, "ema": False, "best_metric": "balanced_accuracy", "val_metrics": {}}
+    meta = model_meta(name, in_chans, CLASSES, images.shape[-1], training)
     if temperature is not None:
         meta["calibration"] = {"temperature": temperature}
     export_model(model.state_dict(), meta, run / "best")
@@ -170,7 +164,7 @@ def test_metadata_describes_the_model(calibrated):
     props = {p.key: json.loads(p.value) for p in onnx.load(str(with_t)).metadata_props}
     mean, std = normalize_stats(1)
     assert props["cxrdist_format"] == FORMAT
-    assert props["classes"] == CLASSES and props["image_size"] == 64 and props["in_chans"] == 1
+    assert props["classes"] == list(CLASSES) and props["image_size"] == 64 and props["in_chans"] == 1
     assert props["model_name"] == "test_resnet" and props["temperature"] == 2.5
     assert props["normalization"]["mean"] == list(mean) and props["normalization"]["std"] == list(std)
     assert props["cxrdist_version"] == cxrdist.__version__ and props["input_dtype"] == "uint8"

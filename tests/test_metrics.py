@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scoregen import CLASSES, K
 from sklearn.metrics import (
     balanced_accuracy_score,
     classification_report,
@@ -19,9 +20,6 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from cxrdist.distributed import all_reduce_sum, gather_rows
 from cxrdist.stats.metrics import confusion_matrix, roc_auc_ovr, summarize
-
-CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
-K = len(CLASSES)
 
 
 def _close(ours, theirs):

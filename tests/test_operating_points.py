@@ -6,22 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from scoregen import CLASSES, K, fake_probs
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from cxrdist.stats.operating_points import TARGETS, operating_points, roc_curve, roc_curves
 from cxrdist.stats.uncertainty import resample_indices
-
-CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
-K = len(CLASSES)
-
-
-def _case(seed: int, n: int, decimals: int | None = 2, present: int = K):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, present, n)
-    logits = rng.normal(size=(n, K)) + 1.5 * np.eye(K)[labels]
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    return (np.round(probs, decimals) if decimals is not None else probs), labels
 
 
 def brute_force(scores: np.ndarray, positive: np.ndarray, measure: str, minimum: float) -> dict:
@@ -44,7 +34,7 @@ def brute_force(scores: np.ndarray, positive: np.ndarray, measure: str, minimum:
 
 @pytest.mark.parametrize("decimals", [1, 2, None])  # heavy ties, some ties, none
 def test_roc_curve_equals_sklearn(decimals):
-    probs, labels = _case(0, 400, decimals)
+    probs, labels = fake_probs(0, 400, decimals=decimals)
     for k in range(K):
         fpr, tpr, thresholds = roc_curve(probs[:, k], labels == k)
         sk_fpr, sk_tpr, sk_thresholds = sk_roc_curve(labels == k, probs[:, k], drop_intermediate=False)
@@ -65,7 +55,7 @@ def test_operating_points_equal_brute_force_over_all_thresholds():
     checked = 0
     for seed in range(12):
         # Small sets with one decimal: many ties and coarse rates, where the tie rules matter.
-        probs, labels = _case(seed, int(np.random.default_rng(seed).integers(8, 80)), decimals=1)
+        probs, labels = fake_probs(seed, int(np.random.default_rng(seed).integers(8, 80)), decimals=1)
         curves = roc_curves(probs, labels, CLASSES, targets)
         for k, name in enumerate(CLASSES):
             if curves[name] is None:
@@ -90,7 +80,7 @@ def test_call_nothing_positive_has_a_null_threshold():
 
 
 def test_absent_or_only_class_has_no_curve():
-    probs, labels = _case(1, 50, present=2)  # classes 2 and 3 absent
+    probs, labels = fake_probs(1, 50, present=2)  # classes 2 and 3 absent
     out = operating_points(probs, labels, CLASSES)
     assert out["Normal"] is None and out["Viral Pneumonia"] is None and out["COVID"] is not None
     only = operating_points(probs, np.zeros(50, dtype=np.int64), CLASSES, resamples=10)
@@ -98,7 +88,7 @@ def test_absent_or_only_class_has_no_curve():
 
 
 def test_json_shape_and_bootstrap_intervals():
-    probs, labels = _case(2, 600, decimals=None)
+    probs, labels = fake_probs(2, 600, decimals=None)
     out = operating_points(probs, labels, CLASSES, resamples=200, seed=3)
     json.dumps(out, allow_nan=False)
     assert out == operating_points(probs, labels, CLASSES, resamples=200, seed=3)  # deterministic

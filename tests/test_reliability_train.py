@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from test_reliability_io import malicious_torch_file, rewrite_shard, shard_keys
 
-from launch import ROOT, accelerate_launch, launch_cmd, quiet_env, run_module
+from launch import ROOT, accelerate_launch, launch_cmd, overrides, quiet_env, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -35,18 +35,9 @@ TIMEOUT_S = 20  # dist.timeout_s for the two-rank runs
 
 
 def sets(run_dir: Path, shards: Path, epochs: int = EPOCHS, *extra: str, batch: int = 16) -> list[str]:
-    values = [
-        f"run.dir={run_dir}",
-        f"data.shards={shards}",
-        f"train.epochs={epochs}",
-        f"train.per_device_batch_size={batch}",
-        "train.mixed_precision=no",
-        "data.num_workers=1",
-        "data.shuffle_buffer=64",
-        f"dist.timeout_s={TIMEOUT_S}",
-        *extra,
-    ]
-    return [arg for v in values for arg in ("--set", v)]
+    """`launch.overrides` in fp32, with a short collective timeout for the two-rank runs."""
+    fixed = ("train.mixed_precision=no", f"dist.timeout_s={TIMEOUT_S}")
+    return overrides(run_dir, shards, epochs, *fixed, *extra, batch=batch)
 
 
 class Running:

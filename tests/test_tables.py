@@ -8,6 +8,7 @@ import json
 import numpy as np
 import torch
 from rich.console import Console
+from scoregen import CLASSES, K, fake_logits
 
 from cxrdist.stats.calibration import calibration_report, fit_temperature
 from cxrdist.stats.metrics import confusion_matrix, summarize
@@ -15,14 +16,9 @@ from cxrdist.stats.registry import CLASS_METRICS
 from cxrdist.stats.uncertainty import bootstrap_intervals
 from cxrdist.tables import WIDTH, metrics_table, print_metrics_table, summary_lines
 
-CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
-K = len(CLASSES)
-
 
 def _metrics(n: int = 240, seed: int = 0, present: int = K) -> tuple[dict, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, present, n)
-    logits = 3 * (rng.normal(size=(n, K)) + 1.5 * np.eye(K)[labels])
+    logits, labels = fake_logits(n, seed, scale=3, present=present)
     logits[:, present:] -= 100  # absent classes are never predicted either
     p, y = torch.from_numpy(logits).softmax(1), torch.from_numpy(labels)
     return summarize(confusion_matrix(p.argmax(1), y, K), CLASSES, p, y), logits, labels

@@ -15,23 +15,18 @@ from safetensors.torch import load_file
 
 from cxrdist.config import load_config
 
-from launch import ROOT, accelerate_launch, fast_overrides, free_port, launch_cmd, quiet_env, run_module
+from launch import (
+    ROOT,
+    accelerate_launch,
+    fast_overrides,
+    free_port,
+    launch_cmd,
+    overrides,
+    quiet_env,
+    run_module,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def cnn_overrides(run_dir: Path, shards: Path, epochs: int, *extra: str) -> list[str]:
-    """The study's seed CNN recipes, shrunk: small batches, one loader worker."""
-    sets = [
-        f"run.dir={run_dir}",
-        f"data.shards={shards}",
-        f"train.epochs={epochs}",
-        "train.per_device_batch_size=16",
-        "data.num_workers=1",
-        "data.shuffle_buffer=64",
-        *extra,
-    ]
-    return [arg for s in sets for arg in ("--set", s)]
 
 
 def assert_complete_run(run_dir: Path, epochs: int) -> dict:
@@ -141,7 +136,7 @@ def test_interrupted_run_resumes_to_the_same_weights(cnn_shards, tmp_path):
     extra = ("optim.schedule=cosine", "optim.warmup_epochs=1", "train.ema_decay=0.9")
     straight = tmp_path / "straight"
     res = run_module(
-        "cxrdist.train", "recipes/cnn_augmented.toml", *cnn_overrides(straight, cnn_shards, 4, *extra)
+        "cxrdist.train", "recipes/cnn_augmented.toml", *overrides(straight, cnn_shards, 4, *extra)
     )
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -152,7 +147,7 @@ def test_interrupted_run_resumes_to_the_same_weights(cnn_shards, tmp_path):
         "-m",
         "cxrdist.train",
         "recipes/cnn_augmented.toml",
-        *cnn_overrides(broken, cnn_shards, 4, *extra),
+        *overrides(broken, cnn_shards, 4, *extra),
     ]
     log = tmp_path / "broken.log"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=quiet_env(), stdout=subprocess.DEVNULL, stderr=log.open("w"))
@@ -168,7 +163,7 @@ def test_interrupted_run_resumes_to_the_same_weights(cnn_shards, tmp_path):
     res = run_module(
         "cxrdist.train",
         "recipes/cnn_augmented.toml",
-        *cnn_overrides(broken, cnn_shards, 4, *extra),
+        *overrides(broken, cnn_shards, 4, *extra),
         "--resume",
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -190,20 +185,18 @@ def test_interrupted_run_resumes_to_the_same_weights(cnn_shards, tmp_path):
 
 def test_run_dir_guards(cnn_shards, tmp_path):
     run_dir = tmp_path / "guard"
-    res = run_module("cxrdist.train", "recipes/cnn.toml", *cnn_overrides(run_dir, cnn_shards, 1), "--resume")
+    res = run_module("cxrdist.train", "recipes/cnn.toml", *overrides(run_dir, cnn_shards, 1), "--resume")
     assert res.returncode == 2 and "no checkpoint" in res.stderr
     assert not run_dir.exists()  # a start that failed leaves no empty run dir behind
-    res = run_module("cxrdist.train", "recipes/cnn.toml", *cnn_overrides(run_dir, cnn_shards, 1))
+    res = run_module("cxrdist.train", "recipes/cnn.toml", *overrides(run_dir, cnn_shards, 1))
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_module("cxrdist.train", "recipes/cnn.toml", *cnn_overrides(run_dir, cnn_shards, 1))
+    res = run_module("cxrdist.train", "recipes/cnn.toml", *overrides(run_dir, cnn_shards, 1))
     assert res.returncode == 2 and "--resume" in res.stderr and "already holds an earlier run" in res.stderr
 
 
 def test_non_finite_loss_stops_with_the_step(cnn_shards, tmp_path):
     run_dir = tmp_path / "nan"
-    res = run_module(
-        "cxrdist.train", "recipes/cnn.toml", *cnn_overrides(run_dir, cnn_shards, 2, "optim.lr=1e12")
-    )
+    res = run_module("cxrdist.train", "recipes/cnn.toml", *overrides(run_dir, cnn_shards, 2, "optim.lr=1e12"))
     assert res.returncode == 1
     assert "non-finite loss" in res.stderr and "optimizer step" in res.stderr
     assert not (run_dir / "checkpoints/epoch-0002").exists()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
 import pytest
 import torch
+from scoregen import CLASSES, K, fake_probs
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -27,19 +29,7 @@ from cxrdist.stats.uncertainty import (
     resample_indices,
 )
 
-CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
-K = len(CLASSES)
-
-
-def _case(seed: int, n: int, signal: float = 1.5, decimals: int | None = 2, present: int = K):
-    """Labels, and softmax scores that favour the true class; rounding makes many tied scores."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, present, n)
-    logits = rng.normal(size=(n, K)) + signal * np.eye(K)[labels]
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    if decimals is not None:
-        probs = np.round(probs, decimals)
-    return probs.astype(np.float32), labels.astype(np.int64)
+_case = functools.partial(fake_probs, dtype=np.float32)  # float32, as evaluation's softmax gives them
 
 
 def _summary(probs: np.ndarray, labels: np.ndarray) -> dict:
