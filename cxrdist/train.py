@@ -90,17 +90,20 @@ from cxrdist.rundir import (  # noqa: E402
     RELIABILITY_PNG,
     ROC_PNG,
     TEST_METRICS_FILE,
+    RunDirClaim,
+    append_metrics_row,
     check_same_data,
     check_space,
-    discard_unused,
     prepare_run_dir,
     read_metrics_rows,
+    release_run_dir,
     write_run_header,
 )
 from cxrdist.runtime import configure_device, keep_freed_memory, make_accelerator  # noqa: E402, F401
-from shard_tools.cli import stdout_console  # noqa: E402
+from shard_tools.cli import raise_if_terminated, stdout_console  # noqa: E402
 from shard_tools.errors import EXIT_OK, CxrdistError, InputError  # noqa: E402
 from shard_tools.files import atomic_write_json, atomic_write_text  # noqa: E402
+from shard_tools.schema import SPLITS  # noqa: E402
 
 
 class TrainError(CxrdistError):
@@ -140,6 +143,7 @@ class Run:
     warmup_steps: int
     stop: StopFlag
     generator: torch.Generator  # augmentation draws, on the device; re-seeded every step
+    data_identity: str | None  # sha256 of the local manifest.json read at start (`check_data_unchanged`)
 
 
 def say(accelerator: Any, message: str) -> None:
@@ -169,6 +173,66 @@ def verify_shards(accelerator: Any, manifest: Manifest) -> None:
         )
 
 
+def check_data_fits(cfg: Config, manifest: Manifest, world: int, device: torch.device) -> None:
+    """Refuse at start what would otherwise fail an epoch or more later: a split without images (no best
+    epoch can be chosen without val, nothing reported without test), or a per-device batch that is larger
+    than the train split or whose input tensors alone exceed the device's memory."""
+    empty = [split for split in SPLITS if manifest.count(split) == 0]
+    if empty:
+        raise InputError(
+            f"{manifest.source}: no images in the {' and '.join(empty)} split{'s'[: len(empty) - 1]}; "
+            "training needs train images, val images to choose the best epoch and test images to "
+            "report on. Pack again with a --split that gives every split images (e.g. 0.8,0.1,0.1), or "
+            "with more images per class or group."
+        )
+    batch, train_images = cfg.train.per_device_batch_size, manifest.count("train")
+    if batch > train_images:
+        raise InputError(
+            f"train.per_device_batch_size {batch} is larger than the whole train split ({train_images} "
+            f"images in {manifest.source}); choose at most {train_images}"
+        )
+    eval_batch = cfg.train.eval_batch_size or 2 * batch
+    # uint8 on the host, float32 on the device per channel: a lower bound, before any activation.
+    input_bytes = max(batch, eval_batch) * manifest.image_size**2 * (1 + 4 * 3)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if input_bytes > memory:
+        raise InputError(
+            f"train.per_device_batch_size {batch} (eval batch {eval_batch}) at {manifest.image_size} px: "
+            f"the input tensors alone need {input_bytes / 2**30:.1f} GiB, more than the "
+            f"{memory / 2**30:.1f} GiB of {device}; lower it (use train.grad_accum_steps for a large "
+            "effective batch)"
+        )
+
+
+def manifest_identity(manifest: Manifest) -> str | None:
+    """sha256 of a local manifest.json as it is now; None for a remote one (not watched)."""
+    import hashlib
+
+    location = Path(manifest.source)
+    if not location.is_file():
+        return None
+    try:
+        return hashlib.sha256(location.read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
+def check_data_unchanged(run: Run, when: str) -> None:
+    """Stop, on every rank together, when the shards were replaced while this run read them (`pack --force`
+    into data.shards): the epoch may have mixed two datasets, and test images may have been trained on."""
+    acc = run.accelerator
+    changed = acc.is_main_process and manifest_identity(run.manifest) != run.data_identity
+    if not all_ranks_ok(acc, not changed):
+        raise DataError(
+            f"{run.manifest.source} changed while this run read its shards (replaced during {when}: two "
+            f"datasets may be mixed, test images may have been trained on). Nothing of {when} was recorded. "
+            "Restore the original shards and continue with --resume, or start a new run on the new ones."
+        )
+
+
 def config_toml(cfg: Config, world_size: int, mixed_precision: str) -> str:
     """The resolved recipe (loadable as a recipe), headed by its provenance as comments."""
     import tomli_w
@@ -178,8 +242,9 @@ def config_toml(cfg: Config, world_size: int, mixed_precision: str) -> str:
     return header + tomli_w.dumps(config_to_dict(cfg))
 
 
-def setup(cfg: Config, accelerator: Any, resume: bool) -> Run:
-    """Data, model, optimizer and loop sizes for `cfg`, after every pre-flight check."""
+def setup(cfg: Config, accelerator: Any, claim: RunDirClaim, resume: bool) -> Run:
+    """Data, model, optimizer and loop sizes for `cfg`, after every pre-flight check. The run header goes
+    into the run directory `claim` holds."""
     from accelerate.utils import set_seed
 
     run_dir = Path(cfg.run.dir)
@@ -189,6 +254,7 @@ def setup(cfg: Config, accelerator: Any, resume: bool) -> Run:
     if resume:
         check_same_data(run_dir, manifest.data, manifest.source)
     check_input_size(cfg.model.name, manifest.image_size)
+    check_data_fits(cfg, manifest, accelerator.num_processes, accelerator.device)
     if cfg.data.verify_checksums:
         verify_shards(accelerator, manifest)
 
@@ -255,9 +321,10 @@ def setup(cfg: Config, accelerator: Any, resume: bool) -> Run:
         warmup_steps=warmup_steps,
         stop=StopFlag(),
         generator=torch.Generator(device=device),
+        data_identity=manifest_identity(manifest),
     )
     if accelerator.is_main_process and not resume:
-        write_run_header(run_dir, config_toml(cfg, world, run.mixed_precision), manifest.data)
+        write_run_header(claim, config_toml(cfg, world, run.mixed_precision), manifest.data)
     if cfg.run.log_with:
         accelerator.init_trackers("cxrdist", config=_flat(config_to_dict(cfg)))
     return run
@@ -521,14 +588,17 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     leaves run.dir as it found it (`cxrdist.rundir`)."""
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.run.dir)
-    existed = prepare_run_dir(accelerator, run_dir, resume=resume, overwrite=overwrite)
+    claim = prepare_run_dir(accelerator, run_dir, resume=resume, overwrite=overwrite)
     try:
-        run = setup(cfg, accelerator, resume)
+        run = setup(cfg, accelerator, claim, resume)
+        raise_if_terminated()  # a SIGTERM during setup that a library's import swallowed
         fit(run, resume)
-    except BaseException:
-        if accelerator.is_main_process and not resume:
-            discard_unused(run_dir, existed)
+    except BaseException:  # SIGTERM too: `run_main` makes it raise until `fit` installs its stop flag
+        if accelerator.is_main_process:
+            release_run_dir(claim, failed=not resume)
         raise
+    if accelerator.is_main_process:
+        release_run_dir(claim, failed=False)
     accelerator.end_training()
     return run_dir
 
@@ -541,6 +611,7 @@ def fit(run: Run, resume: bool) -> None:
     metrics_path = run.run_dir / METRICS_FILE
     best_state: dict[str, torch.Tensor] | None = None
     state = TrainState(world_size=acc.num_processes)
+    rows: list[dict] = []  # metrics.jsonl so far (main process)
     if resume:
         ckpt = latest_checkpoint(run.run_dir)
         state = load_checkpoint(acc, ckpt, run.ema)
@@ -551,7 +622,7 @@ def fit(run: Run, resume: bool) -> None:
         )
         if acc.is_main_process:  # drop rows of epochs after the checkpoint: they will be redone
             rows = [r for r in read_metrics_rows(run.run_dir) if r["epoch"] <= state.epochs_done]
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))  # a torn tail too
         if state.best_epoch:
             from safetensors.torch import load_file
 
@@ -583,6 +654,7 @@ def fit(run: Run, resume: bool) -> None:
         for epoch in range(state.epochs_done + 1, cfg.train.epochs + 1):
             stats = train_one_epoch(run, state, epoch, progress)
             val = validate(run)
+            check_data_unchanged(run, f"epoch {epoch}")
             state.epochs_done = epoch
             is_best = improved(val[metric_name], state.best_value, metric_name)
             if is_best:
@@ -594,9 +666,7 @@ def fit(run: Run, resume: bool) -> None:
             row = {"epoch": epoch, **stats, "lr": lr, "val": val, "best": is_best}
             # The row goes in before the checkpoint: a crash between the two redoes this epoch on resume,
             # and resume drops rows past its checkpoint, so the log never loses or repeats an epoch.
-            if acc.is_main_process:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            write_metrics_row(run, rows, row)
             acc.log(
                 {"train/loss": stats["train_loss"], "lr": lr, "images_per_s": stats["images_per_s"]}
                 | {f"val/{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")},
@@ -622,6 +692,7 @@ def fit(run: Run, resume: bool) -> None:
         eval_model(run).load_state_dict(best_state)
     temperature = calibrate(run) if cfg.eval.calibrate and state.best_epoch else None
     test = score_split(run, "test", tta=cfg.eval.tta)
+    check_data_unchanged(run, "the test evaluation")
     audit = score_audit(run)
     if acc.is_main_process:
         finish_outputs(run, state, test, temperature, audit)
@@ -640,6 +711,23 @@ def score_audit(run: Run) -> dict[str, SplitScores]:
         rank=acc.process_index,
         world_size=acc.num_processes,
     )
+
+
+def write_metrics_row(run: Run, rows: list[dict], row: dict) -> None:
+    """Add this epoch's row to metrics.jsonl (main process, atomically); every rank stops together,
+    before the checkpoint, if that fails (a full disk)."""
+    acc, problem = run.accelerator, ""
+    if acc.is_main_process:
+        try:
+            append_metrics_row(run.run_dir, rows, row)
+            rows.append(row)
+        except OSError as e:
+            problem = (
+                f"cannot write {run.run_dir / METRICS_FILE} ({e.strerror or e}); it still holds every "
+                f"epoch before {row['epoch']}. Free space in run.dir, then continue with --resume."
+            )
+    if not all_ranks_ok(acc, not problem):
+        raise TrainError(problem or "the main process could not write metrics.jsonl; see its message")
 
 
 def calibrate(run: Run) -> float:

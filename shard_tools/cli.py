@@ -42,6 +42,17 @@ def print_problem(
     )
 
 
+# Set by `sigterm_raises`' handler. Its exception can land inside third-party code that swallows it (a
+# bare `except:` around an optional import): `raise_if_terminated` at a command's milestones says it again.
+_sigterm_seen = threading.Event()
+
+
+def raise_if_terminated() -> None:
+    """Raise `Terminated` if SIGTERM arrived within `sigterm_raises`, even if its exception was swallowed."""
+    if _sigterm_seen.is_set():
+        raise Terminated()
+
+
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` in the main thread, so `finally` and `except
@@ -51,6 +62,7 @@ def sigterm_raises() -> Iterator[None]:
         return
 
     def handler(_signum, _frame):
+        _sigterm_seen.set()
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)

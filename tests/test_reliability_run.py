@@ -1,0 +1,243 @@
+"""A run directory has one writer and keeps the user's files: failed starts remove only what they made,
+a second writer is refused naming the holder, a full disk leaves metrics.jsonl whole and resumable,
+shards replaced under a running training stop it, and bad data or batch sizes are refused at start.
+
+Real training processes throughout (issue 22, items 1, 2, 5, 6, 7, 9, 11, 12)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_rundir import RECIPE, cnn_sets
+
+from cxrdist.rundir import GRADCAM_DIR, GRADCAM_GRID, LOCK_FILE, remove_run_outputs
+from shard_tools.locks import Busy, acquire
+
+from launch import ROOT, accelerate_launch, quiet_env, run_module
+from shardgen import write_shards
+
+
+def one_line(stderr: str) -> str:
+    """The error line: exactly one non-empty line, and no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def start(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
+    """`python -m cxrdist.train RECIPE args` in its own process group, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cxrdist.train", str(ROOT / RECIPE), *args],
+        cwd=cwd,
+        env=quiet_env(PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(condition, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+HOLD = (
+    "import sys, time; from shard_tools.locks import acquire; acquire(sys.argv[1], 'x'); "
+    "print('held', flush=True); time.sleep(600)"
+)
+
+
+def hold_lock(lock_file: Path) -> subprocess.Popen:
+    """Another process holding the lock `lock_file`, as a second writer would."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(lock_file)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+# ---------------------------------------------------------------------------- item 1: the user's files
+
+
+@pytest.mark.slow
+def test_a_failed_start_into_a_shard_folder_keeps_its_manifest(cnn_shards, tmp_path):
+    shards = tmp_path / "sh"
+    shutil.copytree(cnn_shards, shards)
+    before = listing(shards)
+    res = run_module("cxrdist.train", RECIPE, *cnn_sets(shards, shards, 1))
+    assert res.returncode == 2
+    assert "files cxrdist did not write" in one_line(res.stderr) and "manifest.json" in res.stderr
+    assert listing(shards) == before  # manifest.json is still there, nothing added
+
+
+@pytest.mark.slow
+def test_a_failed_start_keeps_the_users_recipe_in_run_dir(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    recipe = (ROOT / RECIPE).read_bytes()
+    (exp / "config.toml").write_bytes(recipe)
+    sets = ["--set", f"run.dir={exp}", "--set", "data.shards=missing"]
+    res = run_module("cxrdist.train", exp / "config.toml", *sets)
+    assert res.returncode == 2, res.stderr[-3000:]
+    one_line(res.stderr)
+    assert listing(exp) == {"config.toml": recipe}
+
+
+@pytest.mark.slow
+def test_run_dir_as_the_current_folder_never_loses_files(cnn_shards, tmp_path):
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "config.toml").write_text("# my own notes\n")
+    (here / "manifest.json").write_text("{}")
+    before = listing(here)
+    proc = start("--set", "run.dir=", "--set", f"data.shards={cnn_shards}", cwd=here)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "files cxrdist did not write" in one_line(err)
+    assert listing(here) == before
+
+
+@pytest.mark.slow
+def test_a_start_never_overwrites_a_users_config_or_report(cnn_shards, tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "config.toml").write_text("# my notes, not a cxrdist header\n")
+    (exp / "report.html").write_text("<p>my report</p>")
+    before = listing(exp)
+    for extra in ([], ["--overwrite"]):  # not even when asked to overwrite: cxrdist did not write them
+        res = run_module("cxrdist.train", RECIPE, *cnn_sets(exp, cnn_shards, 1), *extra)
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert "config.toml" in one_line(res.stderr)
+        assert listing(exp) == before
+
+
+def test_overwrite_removes_only_cxrdists_files_in_gradcam(tmp_path):
+    gradcam = tmp_path / GRADCAM_DIR
+    gradcam.mkdir()
+    (gradcam / GRADCAM_GRID).write_bytes(b"grid")
+    (gradcam / "explain_summary.json").write_text("{}")
+    (gradcam / "my_figure.png").write_bytes(b"mine")
+    (tmp_path / "metrics.jsonl").write_text("")
+    remove_run_outputs(tmp_path)
+    assert listing(tmp_path) == {f"{GRADCAM_DIR}/my_figure.png": b"mine"}
+
+
+@pytest.mark.slow
+def test_sigterm_right_after_the_run_dir_is_made_leaves_nothing(cnn_shards, tmp_path):
+    run_dir = tmp_path / "new" / "run"
+    proc = start(*cnn_sets(run_dir, cnn_shards, 1))
+    wait_for(run_dir.exists, proc=proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:] + err[-3000:]
+    assert "SIGTERM" in one_line(err)
+    assert not (tmp_path / "new").exists()
+
+
+# --------------------------------------------------------------------------------- item 5: one writer
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_one_blocks_nothing(cnn_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = hold_lock(run_dir / LOCK_FILE)
+    try:
+        res = run_module("cxrdist.train", RECIPE, *cnn_sets(run_dir, cnn_shards, 1))
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert f"pid {holder.pid} on " in one_line(res.stderr)
+    finally:
+        holder.kill()  # dies holding the lock: the OS releases it
+        holder.wait()
+    assert not (run_dir / "config.toml").exists()
+
+    # A training holds the lock for its whole life, and a killed one blocks nothing.
+    proc = start(*cnn_sets(run_dir, cnn_shards, 50))
+    try:
+        wait_for(lambda: f'"pid": {proc.pid}' in (run_dir / LOCK_FILE).read_text(), proc=proc)
+        with pytest.raises(Busy, match=f"pid {proc.pid} on .*cxrdist.train"):
+            acquire(run_dir / LOCK_FILE, "test")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    acquire(run_dir / LOCK_FILE, "test").release()
+
+
+@pytest.mark.slow
+def test_every_rank_agrees_on_a_held_run_dir(cnn_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = hold_lock(run_dir / LOCK_FILE)
+    try:
+        res = accelerate_launch(2, "cxrdist.train", RECIPE, *cnn_sets(run_dir, cnn_shards, 1))
+    finally:
+        holder.kill()
+        holder.wait()
+    ranks_said = res.stderr.split("Traceback")[0]  # then only the launcher's own ChildFailedError report
+    assert res.stderr.count("Traceback") <= 1 and "ChildFailedError" in res.stderr, res.stderr[-3000:]
+    assert f"[rank 0] error: run.dir {run_dir} is in use by another process (pid {holder.pid} " in ranks_said
+    assert "[rank 1] error: the main process could not use run.dir" in ranks_said  # both stop, together
+    assert not (run_dir / "config.toml").exists()
+
+
+# ---------------------------------------------------------------------- item 11: resume, batch size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content", ["{}", "[]", "missing-test", None])
+def test_resume_with_a_broken_run_manifest_is_one_line(cnn_shards, tmp_path, content):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    manifest = json.loads((cnn_shards / "manifest.json").read_text())
+    if content == "missing-test":
+        del manifest["splits"]["test"]
+        content = json.dumps(manifest)
+    if content is not None:
+        (run_dir / "manifest.json").write_text(content)
+    res = run_module("cxrdist.train", RECIPE, *cnn_sets(run_dir, cnn_shards, 2), "--resume")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "manifest.json" in one_line(res.stderr)
+
+
+@pytest.mark.slow
+def test_an_absurd_batch_size_is_refused_at_start(cnn_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    absurd = ["--set", "train.per_device_batch_size=100000000"]
+    res = run_module("cxrdist.train", RECIPE, *cnn_sets(run_dir, cnn_shards, 1), *absurd)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "per_device_batch_size 100000000" in one_line(res.stderr)
+    assert time.monotonic() - started < 40 and not run_dir.exists()
+
+
+# ------------------------------------------------------------------------------ item 7: empty splits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("empty", ["val", "test"])
+def test_an_empty_split_is_refused_at_start_naming_it(tmp_path, empty):
+    shards = tmp_path / "shards"
+    sizes = {"train": [40], "val": [12], "test": [12]}
+    sizes[empty] = []
+    write_shards(shards, sizes, image_size=128)
+    run_dir = tmp_path / "run"
+    res = run_module("cxrdist.train", RECIPE, *cnn_sets(run_dir, shards, 1))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"no images in the {empty} split" in one_line(res.stderr)
+    assert not run_dir.exists()
