@@ -47,7 +47,6 @@ extracting or listing. Each sample's `.json` then records its `group` (and, from
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import itertools
 import json
@@ -115,7 +114,7 @@ from shard_tools.sources import (
     read_image_bytes,
 )
 from shard_tools.splits import assign_group_splits, assign_splits, share_table
-from shard_tools.verify import summary_table
+from shard_tools.verify import sha256_file, summary_table
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
 # A lung mask's aspect ratio may differ from its image's by this share (rounding of a resized copy).
@@ -157,6 +156,60 @@ class Inputs:
     skipped: list[dict[str, str]]  # non-image files in the class folders
     groups: GroupTable | None  # --groups, matched to `sources`
     masks: bool = False  # every source has a lung mask (`Source.mask_rel`), and they are to be stored
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """Everything that decides the output's bytes, besides SRC (see `pack` for each field)."""
+
+    size: int = 128
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    shard_size: int = 1000
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    min_shards: int = 16
+    classes: tuple[str, ...] = CLASSES
+    max_skipped: float = 0.01
+    duplicates: str = "group"
+    groups: Path | None = None
+    ungrouped: str | None = None
+    masks: bool = True  # store the input's lung masks, when it has them
+    groups_from_sheets: bool = False  # groups: the source URLs of SRC's <Class>.metadata.xlsx
+
+    def check(self) -> None:
+        """Raise `PackError` naming the option and the allowed values."""
+        if self.seed < 0:
+            raise PackError(f"--seed must be a whole number >= 0, got {self.seed}")
+        if not 0 <= self.size <= 8192:
+            raise PackError(f"--size must be 0 (keep the original size) or 1..8192 pixels, got {self.size}")
+        if len(self.split) != 3 or any(not math.isfinite(f) or f < 0 for f in self.split):
+            raise PackError(
+                f"--split needs three non-negative fractions train,val,test, got {list(self.split)}"
+            )
+        if abs(sum(self.split) - 1.0) > 1e-6 or self.split[0] <= 0:
+            raise PackError(f"--split fractions must sum to 1 with train > 0, got {list(self.split)}")
+        if self.shard_size < 1:
+            raise PackError(f"--shard-size must be >= 1 sample, got {self.shard_size}")
+        if self.max_shard_bytes < 2**16:
+            raise PackError(f"the shard byte cap must be at least 64 KiB, got {self.max_shard_bytes} bytes")
+        if self.min_shards < 1:
+            raise PackError(f"--min-shards must be >= 1, got {self.min_shards}")
+        if not 0.0 <= self.max_skipped <= 1.0:
+            raise PackError(f"--max-skipped is a fraction in [0, 1], got {self.max_skipped}")
+        if self.duplicates not in ("group", "drop"):
+            raise PackError(f"--duplicates must be 'group' or 'drop', got {self.duplicates!r}")
+        if self.groups is not None and self.groups_from_sheets:
+            raise PackError("give --groups FILE.csv or --groups-from-sheets, not both")
+        if self.ungrouped is not None and self.groups is None and not self.groups_from_sheets:
+            raise PackError("--ungrouped only applies with --groups FILE.csv or --groups-from-sheets")
+        if self.ungrouped is not None and self.ungrouped not in UNGROUPED_CHOICES:
+            raise PackError(
+                f"--ungrouped must be one of {', '.join(UNGROUPED_CHOICES)}, got {self.ungrouped!r}"
+            )
+
+
+# Every default of pack, written once: `pack`'s keywords and the command line's defaults read it.
+DEFAULTS = PackOptions()
 
 
 # ------------------------------------------------------------------------------------------------ input
@@ -436,84 +489,30 @@ def write_shard(path: Path, members: Sequence[tuple[str, bytes]]) -> tuple[int, 
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             tar.addfile(info, io.BytesIO(data))
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return path.stat().st_size, h.hexdigest()
+    return path.stat().st_size, sha256_file(path)
 
 
 # ------------------------------------------------------------------------------------------------- pack
-
-
-@dataclass(frozen=True)
-class PackOptions:
-    """Everything that decides the output's bytes, besides SRC (see `pack` for each field)."""
-
-    size: int = 128
-    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    seed: int = 0
-    shard_size: int = 1000
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-    min_shards: int = 16
-    classes: tuple[str, ...] = CLASSES
-    max_skipped: float = 0.01
-    duplicates: str = "group"
-    groups: Path | None = None
-    ungrouped: str | None = None
-    masks: bool = True  # store the input's lung masks, when it has them
-    groups_from_sheets: bool = False  # groups: the source URLs of SRC's <Class>.metadata.xlsx
-
-    def check(self) -> None:
-        """Raise `PackError` naming the option and the allowed values."""
-        if self.seed < 0:
-            raise PackError(f"--seed must be a whole number >= 0, got {self.seed}")
-        if not 0 <= self.size <= 8192:
-            raise PackError(f"--size must be 0 (keep the original size) or 1..8192 pixels, got {self.size}")
-        if len(self.split) != 3 or any(not math.isfinite(f) or f < 0 for f in self.split):
-            raise PackError(
-                f"--split needs three non-negative fractions train,val,test, got {list(self.split)}"
-            )
-        if abs(sum(self.split) - 1.0) > 1e-6 or self.split[0] <= 0:
-            raise PackError(f"--split fractions must sum to 1 with train > 0, got {list(self.split)}")
-        if self.shard_size < 1:
-            raise PackError(f"--shard-size must be >= 1 sample, got {self.shard_size}")
-        if self.max_shard_bytes < 2**16:
-            raise PackError(f"the shard byte cap must be at least 64 KiB, got {self.max_shard_bytes} bytes")
-        if self.min_shards < 1:
-            raise PackError(f"--min-shards must be >= 1, got {self.min_shards}")
-        if not 0.0 <= self.max_skipped <= 1.0:
-            raise PackError(f"--max-skipped is a fraction in [0, 1], got {self.max_skipped}")
-        if self.duplicates not in ("group", "drop"):
-            raise PackError(f"--duplicates must be 'group' or 'drop', got {self.duplicates!r}")
-        if self.groups is not None and self.groups_from_sheets:
-            raise PackError("give --groups FILE.csv or --groups-from-sheets, not both")
-        if self.ungrouped is not None and self.groups is None and not self.groups_from_sheets:
-            raise PackError("--ungrouped only applies with --groups FILE.csv or --groups-from-sheets")
-        if self.ungrouped is not None and self.ungrouped not in UNGROUPED_CHOICES:
-            raise PackError(
-                f"--ungrouped must be one of {', '.join(UNGROUPED_CHOICES)}, got {self.ungrouped!r}"
-            )
 
 
 def pack(
     src: Path | str,
     out: Path | str,
     *,
-    size: int = 128,
-    split: Sequence[float] = (0.7, 0.15, 0.15),
-    seed: int = 0,
-    shard_size: int = 1000,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    min_shards: int = 16,
+    size: int = DEFAULTS.size,
+    split: Sequence[float] = DEFAULTS.split,
+    seed: int = DEFAULTS.seed,
+    shard_size: int = DEFAULTS.shard_size,
+    max_shard_bytes: int = DEFAULTS.max_shard_bytes,
+    min_shards: int = DEFAULTS.min_shards,
     workers: int | None = None,
     classes: Sequence[str] | None = None,
-    max_skipped: float = 0.01,
-    duplicates: str = "group",
+    max_skipped: float = DEFAULTS.max_skipped,
+    duplicates: str = DEFAULTS.duplicates,
     groups: Path | str | None = None,
     ungrouped: str | None = None,
-    groups_from_sheets: bool = False,
-    masks: bool = True,
+    groups_from_sheets: bool = DEFAULTS.groups_from_sheets,
+    masks: bool = DEFAULTS.masks,
     force: bool = False,
     progress: bool = True,
     command: Sequence[str] | None = None,
@@ -921,27 +920,38 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--size",
         type=non_negative_int,
-        default=128,
-        help="image side in pixels (default 128; 0 keeps the original)",
+        default=DEFAULTS.size,
+        help=f"image side in pixels (default {DEFAULTS.size}; 0 keeps the original)",
     )
     ap.add_argument(
-        "--split", type=_parse_split, default=(0.7, 0.15, 0.15), help="train,val,test (default 0.7,0.15,0.15)"
+        "--split",
+        type=_parse_split,
+        default=DEFAULTS.split,
+        help=f"train,val,test (default {','.join(f'{f:g}' for f in DEFAULTS.split)})",
     )
-    ap.add_argument("--seed", type=non_negative_int, default=0, help="split and shard-order seed (default 0)")
     ap.add_argument(
-        "--shard-size", type=positive_int, default=1000, help="max samples per shard (default 1000)"
+        "--seed",
+        type=non_negative_int,
+        default=DEFAULTS.seed,
+        help=f"split and shard-order seed (default {DEFAULTS.seed})",
+    )
+    ap.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=DEFAULTS.shard_size,
+        help=f"max samples per shard (default {DEFAULTS.shard_size})",
     )
     ap.add_argument(
         "--max-shard-mb",
         type=_positive_mb,
-        default=DEFAULT_MAX_SHARD_BYTES / 2**20,
-        help="max MiB per shard (default 256)",
+        default=DEFAULTS.max_shard_bytes / 2**20,
+        help=f"max MiB per shard (default {DEFAULTS.max_shard_bytes / 2**20:g})",
     )
     ap.add_argument(
         "--min-shards",
         type=positive_int,
-        default=16,
-        help="min train shards, >= ranks x workers (default 16)",
+        default=DEFAULTS.min_shards,
+        help=f"min train shards, >= ranks x workers (default {DEFAULTS.min_shards})",
     )
     ap.add_argument(
         "--workers", type=positive_int, default=None, help="decode processes (default: all cores)"
@@ -954,14 +964,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--max-skipped",
         type=float,
-        default=0.01,
-        help="fail if a larger share of files is unreadable (default 0.01)",
+        default=DEFAULTS.max_skipped,
+        help=f"fail if a larger share of files is unreadable (default {DEFAULTS.max_skipped})",
     )
     ap.add_argument(
         "--duplicates",
         choices=("group", "drop"),
-        default="group",
-        help="identical images: keep each group in one split (default) or keep one",
+        default=DEFAULTS.duplicates,
+        help=f"identical images: keep each set in one split, or keep one (default {DEFAULTS.duplicates})",
     )
     ap.add_argument(
         "--groups",
