@@ -415,3 +415,58 @@ def test_predict_decision_agrees_with_the_probability_it_reports() -> None:
     record = describe(Path("x.png"), probs, ("COVID", "Normal"), "COVID", 0.123456)
     assert record["decision"]["probability"] == 0.123456
     assert record["decision"]["call"] == "positive"
+
+
+# ------------------------------------------------------------------- 21.10: a clean checkout
+
+
+@pytest.mark.slow
+def test_the_readmes_steps_leave_no_untracked_files() -> None:
+    """Every path the README's commands write in the checkout is ignored by git."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = [
+        "shards/cxr/manifest.json",  # pack
+        "covid19-radiography-database.zip",  # kaggle datasets download
+        "COVID-19_Radiography_Dataset/COVID/images/COVID-1.png",  # an extracted copy
+        "weights/resnet18.safetensors",  # "Pretrained weights offline"
+        "resnet18.onnx",  # export
+        "runs/resnet18_pretrained/best/meta.json",  # train
+        "demo_out/run/report.html",  # demo
+    ]
+    res = subprocess.run(
+        ["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True
+    )
+    assert sorted(res.stdout.split()) == sorted(written), res.stdout
+
+
+# --------------------------------------------------------------- 21.9: the README walks the path
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def test_readme_real_use_shows_own_shards_missing_classes_and_the_launcher() -> None:
+    real_use = readme_section("Real use")
+    assert "--set data.shards=" in real_use
+    assert "--classes" in real_use
+    train_lines = [line for line in real_use.splitlines() if "-m cxrdist.train" in line]
+    assert train_lines and not any(line.startswith("accelerate launch") for line in train_lines)
+    assert 'L="python -m cxrdist.launch' in real_use
+    assert "--out runs/resnet18_pretrained/gradcam" not in real_use  # training's grid lives there
+
+
+def test_readme_demo_notes_say_what_is_true() -> None:
+    demo = readme_section("What the demo shows")
+    assert "without\nnative bf16)" not in demo and "without native bf16)" not in demo
+    assert "bf16 autocast" in demo
+    assert "vary slightly from run to run and machine to machine" in demo
+    development = readme_section("Development")
+    assert "-rs" in development and "real sample not found" in development
