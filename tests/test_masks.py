@@ -342,3 +342,26 @@ def test_the_mask_of_a_skipped_file_is_no_orphan(synth_masked, tmp_path):
     manifest = pack(src, tmp_path / "out", max_skipped=0.1, **OPTS)
     assert manifest["masks"] is True and manifest["splits"]["train"]["count"] == 15
     assert [s["path"] for s in manifest["skipped"]] == ["Normal/images/Normal-4.txt"]
+
+
+def test_flat_layout_and_original_size_keep_masks_at_the_image_size(synth_masked, tmp_path):
+    # `<Class>/*.png` with `<Class>/masks/` beside them; masks at 128 px for 96 px images, kept at 96.
+    src = tmp_path / "db"
+    for c in CLASSES:
+        (src / c / "masks").mkdir(parents=True)
+        for i in range(1, 5):
+            shutil.copy(image_path(synth_masked, c, i), src / c / f"{c}-{i}.png")
+            big = Image.fromarray(_gray(mask_path(synth_masked, c, i))).resize(
+                (128, 128), Image.Resampling.NEAREST
+            )
+            big.save(src / c / "masks" / f"{c}-{i}.png")
+    manifest = pack(src, tmp_path / "out", **{**OPTS, "size": 0})
+    assert manifest["masks"] is True and manifest["image_size"] == 96
+    for members in _members(tmp_path / "out").values():
+        meta = json.loads(members["json"])
+        mask = _png_array(members[MASK_EXT])
+        c, name = meta["path"].split("/")
+        assert mask.shape == (96, 96)
+        assert (mask == 255).mean() == pytest.approx(
+            (_gray(src / c / "masks" / name) == 255).mean(), abs=0.02
+        )
