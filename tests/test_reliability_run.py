@@ -19,6 +19,7 @@ import pytest
 from test_rundir import RECIPE, cnn_sets
 
 from cxrdist.rundir import GRADCAM_DIR, GRADCAM_GRID, LOCK_FILE, remove_run_outputs
+from shard_tools.files import replace_dir
 from shard_tools.locks import Busy, acquire
 
 from launch import ROOT, accelerate_launch, quiet_env, run_module
@@ -241,3 +242,86 @@ def test_an_empty_split_is_refused_at_start_naming_it(tmp_path, empty):
     assert res.returncode == 2, res.stderr[-3000:]
     assert f"no images in the {empty} split" in one_line(res.stderr)
     assert not run_dir.exists()
+
+
+# ------------------------------------------------------------------------------- item 2: a full disk
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 24 MiB tmpfs (root only): room for the run's checkpoints, and then some."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the file system is full; returns it."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_training_is_one_line_keeps_metrics_whole_and_resume_works(cnn_shards, small_disk):
+    run_dir = small_disk / "run"
+    sets = [*cnn_sets(run_dir, cnn_shards, 4), "--set", "run.keep_checkpoints=1"]
+    proc = start(*sets)
+    wait_for((run_dir / "checkpoints" / "epoch-0001").exists, proc=proc)
+    filler = fill(small_disk)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    assert "No space left on device" in one_line(err)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]  # no torn line
+    assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+
+    filler.unlink()
+    res = run_module("cxrdist.train", RECIPE, *sets, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_a_torn_last_metrics_line_of_an_older_run_is_dropped(tmp_path):
+    from cxrdist.rundir import RunDirError, read_metrics_rows
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": 2, "train_lo')
+    assert read_metrics_rows(tmp_path) == [{"epoch": 1, "train_loss": 1.0}]
+    path.write_text('{"epoch": 1, "tra\n{"epoch": 2}\n')
+    with pytest.raises(RunDirError, match="line 1"):
+        read_metrics_rows(tmp_path)
+
+
+# ------------------------------------------------------------------- item 6: shards replaced mid-run
+
+
+@pytest.mark.slow
+def test_shards_replaced_under_a_running_training_stop_it(cnn_shards, train_src, tmp_path):
+    from shard_tools.pack import pack
+
+    shards, run_dir = tmp_path / "shards", tmp_path / "run"
+    shutil.copytree(cnn_shards, shards)
+    proc = start(*cnn_sets(run_dir, shards, 30), "--set", "data.cache=none")
+    wait_for((run_dir / "metrics.jsonl").exists, proc=proc)
+    repacked = tmp_path / ".shards.new"  # the same images split with another seed, swapped in as pack does
+    size = json.loads((cnn_shards / "manifest.json").read_text())["image_size"]
+    pack(train_src, repacked, size=size, min_shards=4, seed=1, progress=False)
+    replace_dir(repacked, shards)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    assert "changed while this run read its shards" in one_line(err)
+    assert not (run_dir / "test_metrics.json").exists()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) < 30
