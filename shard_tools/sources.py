@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shard_tools.errors import InputError
-from shard_tools.files import MAX_INPUT_BYTES, input_problem
+from shard_tools.files import MAX_INPUT_BYTES, input_problem, read_input_file
 from shard_tools.images import IMAGE_SUFFIXES
 from shard_tools.schema import normalize_class_name, sample_key, slug
 
@@ -374,10 +374,7 @@ def read_file(tree: Tree, rel: str) -> bytes:
     try:
         if archive:
             return read_image_bytes(archive, name)
-        path = Path(name)
-        if not path.is_file() or path.stat().st_size > MAX_MEMBER_BYTES:
-            raise OSError(f"not a regular file of at most {MAX_MEMBER_BYTES} bytes")
-        return path.read_bytes()
+        return read_input_file(name)  # a FIFO or a /dev/zero link is refused before reading
     except OSError as e:
         raise InputError(f"{tree.describe(rel)} cannot be read: {e.strerror or e}") from None
 
