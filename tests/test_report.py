@@ -927,6 +927,8 @@ def test_report_renders_in_a_real_browser(tmp_path):
             "return document.querySelector('img[data-file=\"gradcam/gradcam_grid_test.png\"]').width"
         )
         assert grid_width >= 850
+        # Nothing wider than the window: no sideways scrolling at 1200 px.
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
         images = driver.execute_script(
             "return Array.from(document.images)"
             ".map(i => [i.dataset.file, i.complete, i.naturalWidth, i.naturalHeight])"
