@@ -75,11 +75,11 @@ from cxrdist.cli import add_batching, add_model, check_writable_file, refuse_exi
 from cxrdist.data import Manifest, eval_batches, read_manifest, sample_provenance
 from cxrdist.evaluate import (
     MetricOptions,
-    ScoringSettings,
     SplitScores,
     check_compatible,
     eval_precision,
     evaluate_split,
+    model_scoring,
     probabilities,
     split_metrics,
     subgroup_metrics,
@@ -195,13 +195,14 @@ def verdict(variants: dict[str, dict], chance: dict, classes, mask_source: str) 
     where = "lung fields: per-image masks" if mask_source == "shards" else "lung fields: the template"
     if level is None or intact["balanced_accuracy"] is None:
         return {"shortcut_suspected": False, "line": "No audit: the split has no samples.", "reasons": []}
-    reasons = []
+    reasons, clauses, kept = [], [], []
     ba = hidden["balanced_accuracy"]
     if _low(hidden, ba, "balanced_accuracy") > level + MARGIN:
-        reasons.append(
+        clauses.append(
             f"with the lungs hidden it still reaches balanced accuracy {_ci(hidden, ba, 'balanced_accuracy')}"
             f", above chance {level:.2f} + margin {MARGIN:.2f}"
         )
+        reasons.append(clauses[0])
     for name in classes:
         now, before = border["per_class"][name], intact["per_class"][name]
         if now["recall"] is None or before["recall"] is None or now["specificity"] is None:
@@ -209,14 +210,21 @@ def verdict(variants: dict[str, dict], chance: dict, classes, mask_source: str) 
         recall_low = _low(border, now["recall"], "per_class", name, "recall")
         spec_low = _low(border, now["specificity"], "per_class", name, "specificity")
         if now["recall"] >= KEEP_SHARE * before["recall"] and recall_low + spec_low - 1 > MARGIN:
+            kept.append(f"{name} (recall {now['recall']:.2f}; {before['recall']:.2f} intact)")
             reasons.append(
                 f"with only the border visible {name} keeps recall {now['recall']:.2f} of "
                 f"{before['recall']:.2f} intact, at specificity {now['specificity']:.2f}"
             )
+    if kept:
+        names = kept[0] if len(kept) == 1 else f"{', '.join(kept[:-1])} and {kept[-1]}"
+        one = len(kept) == 1
+        clauses.append(
+            f"with only the border visible {names} keep{'s' * one} most of {'its' if one else 'their'} recall"
+        )
     if reasons:
         line = (
-            f"Shortcut suspected: {'; and '.join(reasons)}, so this model's accuracy is no evidence that "
-            f"it reads the lungs ({where})."
+            f"Shortcut suspected: {'; and '.join(clauses)}, so this model's accuracy is no evidence that it "
+            f"reads the lungs ({where})."
         )
     elif _low(intact, intact["balanced_accuracy"], "balanced_accuracy") <= level + MARGIN:
         line = (
@@ -545,13 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     lung_focus = meta.lung_focus
     # The precision training tested the model in (meta.json), so the intact numbers are test_metrics.json's.
     precision, _why = eval_precision("auto", meta, torch.cuda.is_available())
-    settings = ScoringSettings(
-        device=state.device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        in_chans=meta.in_chans,
-        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
-        lung_focus=lung_focus,
+    settings = model_scoring(
+        meta, state.device, precision, batch_size=args.batch_size, num_workers=args.num_workers
     )
     scores = score_variants(
         model, manifest, args.split, settings, rank=state.process_index, world_size=state.num_processes
