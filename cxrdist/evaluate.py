@@ -48,6 +48,7 @@ from cxrdist.stats.registry import HEADLINE
 from shard_tools.cli import non_negative_int, run_main, stdout_console
 from shard_tools.errors import CxrdistError, InputError
 from shard_tools.files import atomic_write_json
+from shard_tools.locks import output_lock
 
 
 class EvalError(CxrdistError):
@@ -67,6 +68,25 @@ class ScoringSettings:
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = fp32
     tta_hflip: bool = False  # also score the mirrored image (test-time augmentation)
     lung_focus: str = "off"  # the model's preprocessing (meta.json preprocess.lung_focus; cxrdist.lungs)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed_precision -> autocast ("no": fp32)
+
+
+def model_scoring(
+    meta: ModelMeta, device: torch.device, precision: str, *, batch_size: int, num_workers: int, tta=False
+) -> ScoringSettings:
+    """How to score a saved model on `device`: its input channels and preprocessing (`meta`), in
+    `precision` ("no", "bf16" or "fp16", as `eval_precision` chose), the mirrored image too with `tta`."""
+    return ScoringSettings(
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        in_chans=meta.in_chans,
+        autocast_dtype=AUTOCAST_DTYPES.get(precision),
+        tta_hflip=tta,
+        lung_focus=meta.lung_focus,
+    )
 
 
 @dataclass(frozen=True)
@@ -413,14 +433,20 @@ def write_plots(
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out or find_model_dir(args.model) / f"eval_{args.split}.json"
+    # One writer per output (`shard_tools.locks`); under a launcher, the job's main process holds it.
+    with output_lock(out, f"evaluate --out {out}") if is_main_launch_process() else contextlib.nullcontext():
+        return evaluate_main(args, out)
+
+
+def evaluate_main(args: argparse.Namespace, out: Path) -> int:
     from accelerate import PartialState
 
     from cxrdist.tables import print_metrics_table
 
-    args = parse_args(argv)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise InputError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    out = args.out or find_model_dir(args.model) / f"eval_{args.split}.json"
     refuse_existing([out, *plot_paths(out).values()], args.force)  # no-clobber, before any work
     check_writable_file(out)  # before the evaluation, so a long one is never thrown away
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only hosts: gloo ranks
@@ -429,14 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     check_compatible(meta, manifest)
     precision, precision_why = eval_precision(args.mixed_precision, meta, torch.cuda.is_available())
     subgroups = read_subgroups(args.subgroups, manifest, args.split) if args.subgroups else None
-    settings = EvalSettings(
-        device=state.device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        in_chans=meta.in_chans,
-        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
-        tta_hflip=args.tta,
-        lung_focus=meta.lung_focus,
+    settings = model_scoring(
+        meta, state.device, precision, batch_size=args.batch_size, num_workers=args.num_workers, tta=args.tta
     )
     scores = evaluate_split(
         model, manifest, args.split, settings, rank=state.process_index, world_size=state.num_processes

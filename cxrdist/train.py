@@ -55,6 +55,7 @@ from cxrdist.distributed import (  # noqa: E402
     any_rank,
 )
 from cxrdist.evaluate import (  # noqa: E402
+    AUTOCAST_DTYPES,
     MetricOptions,
     ScoringSettings,
     SplitScores,
@@ -507,14 +508,13 @@ def eval_settings(run: Run, tta: bool = False) -> ScoringSettings:
     """How the run scores a split: on its device, channels and precision, so that the numbers are the
     model's as trained."""
     cfg = run.cfg
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision)
     return ScoringSettings(
         device=run.accelerator.device,
         batch_size=cfg.train.eval_batch_size or 2 * cfg.train.per_device_batch_size,
         num_workers=cfg.data.num_workers,
         in_chans=run.in_chans,
         channels_last=run.channels_last,
-        autocast_dtype=dtype,
+        autocast_dtype=AUTOCAST_DTYPES.get(run.mixed_precision),
         tta_hflip=tta,
         lung_focus=cfg.data.lung_focus,
     )
