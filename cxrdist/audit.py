@@ -17,8 +17,11 @@ batch is read and decoded once; then, on the device, each variant sets part of e
     lungs_only    everything but the lung fields hidden
     border_only   everything but a 12% frame hidden (`lungs.BORDER_FRACTION`)
 
-The lung fields are each sample's own mask when the shards carry them (manifest ``"masks": true``), else
-the two-ellipse template of `cxrdist.lungs` (``mask_source`` says which). Scores are gathered once and
+Plain occlusion is the test that needs nothing but the model. Stronger ones in the literature, such as
+the GAN-made counterfactuals of DeGrave et al. (2021), need a generative model and are out of reach here;
+a "border hidden" variant would only ask lungs_only's question less sharply, so none is added. The lung
+fields are each sample's own mask when the shards carry them (manifest ``"masks": true``), else the
+two-ellipse template of `cxrdist.lungs` (``mask_source`` says which). Scores are gathered once and
 sorted by key as evaluation's are, so every number, intervals included, is the same on 1 or N ranks.
 
 Verdict. Chance is 1/K for balanced accuracy (K = classes with test samples) and the largest class's share
