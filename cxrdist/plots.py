@@ -58,14 +58,18 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Pa
 
 # Validation curves: each its own line style and marker, so equal values stay visible (accuracy and
 # balanced accuracy coincide on a balanced split).
-CURVE_STYLES = (
-    ("accuracy", "val accuracy", {"linestyle": "-", "marker": "o", "markersize": 7}),
+CURVE_STYLES = (  # accuracy wide and pale underneath, the others thin on top of it
+    (
+        "accuracy",
+        "val accuracy",
+        {"linestyle": "-", "linewidth": 4, "alpha": 0.55, "marker": "o", "markersize": 10},
+    ),
     (
         "balanced_accuracy",
         "val balanced accuracy",
-        {"linestyle": "--", "marker": "s", "markerfacecolor": "white"},
+        {"linestyle": "--", "linewidth": 1.5, "marker": "s", "markersize": 5, "markerfacecolor": "white"},
     ),
-    ("macro_f1", "val macro F1", {"linestyle": ":", "marker": "^", "markersize": 5}),
+    ("macro_f1", "val macro F1", {"linestyle": ":", "linewidth": 1.5, "marker": "^", "markersize": 5}),
 )
 
 
