@@ -4,11 +4,11 @@ intact test split, and does it stop scoring above chance when the lungs are hidd
     python -m benchmarks.mitigations [--src DIR] [--work /tmp/mit] [--epochs 20] [--seeds 0,1,2,3,4]
 
 Packs the real 3-class sample at 128 px into WORK/shards (once; pack's default 70/15/15 split), then for
-each seed trains the study CNN with its augmentation (recipes/cnn_augmented.toml) four times, the same
-epochs each, in fp32: as shipped (baseline), with `augment.border_erase = 0.5`, with
-`data.lung_focus = "mask"` and with `data.lung_focus = "crop"`. Each model is scored on the test split
-four ways, occluding on the device before the model's own preprocessing (its lung focus) and the
-normalisation, as the shortcut audit does:
+each seed trains the study CNN with its augmentation (recipes/cnn_augmented.toml) five times, the same
+epochs each, in fp32: as shipped (baseline), with `augment.border_erase = 0.5`, with every frame erased
+(`border_erase = 1`, widths 12% to 20%), with `data.lung_focus = "mask"` and with `"crop"`. Each model
+is scored on the test split four ways, occluding on the device before the model's own preprocessing (its
+lung focus) and the normalisation, as the shortcut audit does:
 
     intact        the images as they are
     lungs_hidden  the lung template set to `cxrdist.lungs.FILL` (flat gray that normalises to ~0)
@@ -57,6 +57,8 @@ RECIPE = "recipes/cnn_augmented.toml"
 MITIGATIONS = {
     "baseline": [],
     "border_erase": ["augment.border_erase=0.5"],
+    # every training image, always at least the audit's 12% frame: the frame never carries a label
+    "border_erase=1": ["augment.border_erase=1.0", "augment.border_erase_width=[0.12, 0.2]"],
     "lung_focus=mask": ["data.lung_focus=mask"],
     "lung_focus=crop": ["data.lung_focus=crop"],
 }
@@ -140,7 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("/tmp/mit"), help="shards, runs and the JSON go here")
     p.add_argument("--epochs", type=int, default=20, help="epochs of every run (the recipe's 20)")
     p.add_argument("--seeds", default="0,1,2,3,4", help="run.seed values, comma-separated")
-    p.add_argument("--only", default="", help="comma-separated mitigation names (default: all four)")
+    p.add_argument("--only", default="", help="comma-separated mitigation names (default: all)")
     return p.parse_args(argv)
 
 
