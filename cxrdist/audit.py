@@ -97,7 +97,7 @@ from cxrdist.rundir import (
     TEST_METRICS_FILE,
 )
 from cxrdist.uncertainty import METHOD, bootstrap_intervals
-from shard_tools.cli import non_negative_int, run_main
+from shard_tools.cli import non_negative_int, run_main, stdout_console
 from shard_tools.errors import InputError
 from shard_tools.files import atomic_write_bytes, atomic_write_json
 
@@ -535,7 +535,6 @@ def bootstrap_defaults(run_dir: Path) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
-    from rich.console import Console
 
     args = parse_args(argv)
     model_dir = find_model_dir(args.model)
@@ -574,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             provenance={"model": str(model_dir), "shards": manifest.source, "mixed_precision": precision},
         )
         report, written = finish_audit(scores, model, manifest, out, setup)
-        console = Console(soft_wrap=True)  # paths stay on one line in logs
+        console = stdout_console()
         if not console.is_terminal:
             console.width = 132  # a log's default 80 columns would wrap every cell of the table
         for path in written:
