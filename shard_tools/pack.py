@@ -825,8 +825,11 @@ def _check_skipped(skipped: list[dict[str, str]], n_candidates: int, max_skipped
         return
     share = len(skipped) / n_candidates
     if share > max_skipped:
+        # One line: the first three with their reasons, the names of the next seven, then a count.
         shown = "; ".join(f"{d['path']}: {' '.join(d['reason'].split())}" for d in skipped[:3])
-        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        if len(skipped) > 3:
+            shown += "; also " + ", ".join(d["path"] for d in skipped[3:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         raise TooManySkipped(
             f"{len(skipped)} of {n_candidates} files ({share:.1%}) could not be used, more than "
             f"--max-skipped {max_skipped:.1%}: {shown}{more}. Fix or remove them, or raise --max-skipped"

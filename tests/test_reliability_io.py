@@ -37,7 +37,7 @@ from cxrdist.config import ConfigError, ModelConfig, load_config
 from cxrdist.data import DataError, eval_batches, read_manifest, train_batches
 from cxrdist.models import ModelError, create_model
 from shard_tools import files
-from shard_tools.pack import PackError, pack
+from shard_tools.pack import TooManySkipped, pack
 from shard_tools.schema import IMAGENET_MEAN, IMAGENET_STD, MANIFEST_NAME, SPLITS
 from shard_tools.verify import verify
 
@@ -348,7 +348,7 @@ def test_pack_skips_hostile_images_with_reasons_and_packs_the_rest(tmp_path):
         (src / "COVID" / "images" / name).write_bytes(content)
     refused = {name: why for name, (_, why) in hostile.items() if why}
 
-    with pytest.raises(PackError, match=r"6 of 25 files .* could not be used") as info:
+    with pytest.raises(TooManySkipped, match=r"6 of 25 files .* could not be used") as info:
         pack(src, tmp_path / "strict", size=32, min_shards=1, progress=False)
     assert all(name in str(info.value) for name in refused)
     assert not (tmp_path / "strict").exists()
