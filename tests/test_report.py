@@ -490,6 +490,18 @@ def test_text_from_files_is_escaped(tmp_path):
     assert "&#34;quoted&#34; &lt;img src=x onerror=alert(1)&gt;" in page
     assert Page(page).errors == []  # the hostile names did not break the markup
 
+    # The same names through audit.json: table headers, confusion matrices, the verdict and the card.
+    audit = audit_report(classes, sources={"<img src=y onerror=alert(2)>": 1.0})
+    audit["verdict"]["line"] = "Shortcut <script>z</script> suspected"
+    add_audit(run, audit)
+    page = write_report(run).read_text()
+    assert "<script" not in page and "<img src=y" not in page
+    audit_html = section(page, "audit")
+    assert audit_html.count("&lt;script&gt;x&lt;/script&gt;") >= 5  # recall header and four matrices
+    assert page.count("Shortcut &lt;script&gt;z&lt;/script&gt; suspected") == 3  # first screen, section, card
+    assert 'data-source="&lt;img src=y onerror=alert(2)&gt;"' in audit_html
+    assert Page(page).errors == []
+
 
 def test_missing_pieces_are_one_muted_line_never_a_broken_image(tmp_path):
     run = tmp_path / "run"
