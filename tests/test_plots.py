@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scoregen import CLASSES, fake_logits
 
-from cxrdist.calibration import calibration_report, fit_temperature
-from cxrdist.operating_points import roc_curves
 from cxrdist.plots import (
     curves_figure,
     plot_confusion,
@@ -18,17 +17,13 @@ from cxrdist.plots import (
     plot_roc,
     reliability_figure,
 )
-
-CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
-K = len(CLASSES)
+from cxrdist.stats.calibration import calibration_report, fit_temperature
+from cxrdist.stats.operating_points import roc_curves
 
 
 @pytest.fixture(scope="module")
 def model_outputs():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, K, 400)
-    logits = 3 * (rng.normal(size=(400, K)) + 1.5 * np.eye(K)[labels])  # over-confident on purpose
-    return logits, labels
+    return fake_logits(400, 0, scale=3)  # over-confident on purpose
 
 
 def check_png(path: Path, returned: Path, min_px: int = 300) -> np.ndarray:
