@@ -48,6 +48,7 @@ from shard_tools.cli import positive_int, print_problem, run_main, stdout_consol
 from shard_tools.errors import EXIT_FAILED, EXIT_OK, InputError
 from shard_tools.files import atomic_write_bytes, atomic_write_json
 from shard_tools.images import ImageError, load_gray
+from shard_tools.locks import output_lock
 
 # Central box that holds both lung fields on a PA radiograph, as fractions of width and height
 # (x0, y0, x1, y1). Deliberately generous: mass outside it sits on borders, corners, labels and the neck.
@@ -333,6 +334,11 @@ def planned_outputs(out: Path, files: list[Path], split: str | None) -> list[Pat
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with output_lock(args.out, f"explain --out {args.out}"):  # one writer per folder (shard_tools.locks)
+        return explain_main(args)
+
+
+def explain_main(args: argparse.Namespace) -> int:
     console = stdout_console()
     if not args.inputs and not args.shards:
         raise InputError("give images or folders to explain, or --shards for a per-class grid")

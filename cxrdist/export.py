@@ -47,6 +47,7 @@ from cxrdist.onnx_model import FORMAT, INPUT_DTYPES, INPUT_NAME, ONNX_SUFFIX, OU
 from shard_tools.cli import run_main
 from shard_tools.errors import CxrdistError, InputError
 from shard_tools.files import atomic_write_bytes
+from shard_tools.locks import output_lock
 
 OPSET = 20  # torch 2.14's native opset for the dynamo exporter (no version conversion); onnxruntime >= 1.17
 MAX_ABS_DIFF = 1e-4  # largest |probability| difference between onnxruntime and PyTorch the export accepts
@@ -249,6 +250,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    with output_lock(args.out, f"export --out {args.out}"):  # one writer per file (shard_tools.locks)
+        return export_main(args)
+
+
+def export_main(args: argparse.Namespace) -> int:
     r = export_onnx(args.model, args.out, args.input_dtype, not args.no_temperature, args.force)
     s = r.meta.image_size
     temperature = f"temperature {r.temperature:g}" if r.temperature is not None else "no temperature"

@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -260,6 +261,21 @@ def _claim_run_dir(accelerator: Any, claim: RunDirClaim, resume: bool, overwrite
     if not all_ranks_ok(accelerator, not problem):
         raise RunDirFailed(problem or f"another rank could not write to run.dir {run_dir}; see its message")
     return claim
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, what: str) -> Iterator[None]:
+    """Hold run.dir's lock for the block, for a command other than training that writes into a finished run
+    (`cxrdist.report`): it is refused while a training writes there. No folder: nothing to lock (the
+    command says what is wrong)."""
+    if not Path(run_dir).is_dir():
+        yield
+        return
+    lock = acquire(Path(run_dir) / LOCK_FILE, f"run.dir {run_dir} ({what})")
+    try:
+        yield
+    finally:
+        lock.release(remove=lock.created)  # a folder without a lock file stays without one
 
 
 def release_run_dir(claim: RunDirClaim, failed: bool) -> None:

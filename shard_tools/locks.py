@@ -74,12 +74,14 @@ def acquire(path: Path | str, what: str) -> Lock:
     path = Path(path)
     while True:
         try:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
             try:
-                fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
-            except FileExistsError:
                 fd, created = os.open(path, os.O_RDWR), False
-        except FileNotFoundError:
-            continue  # removed between the two opens by a holder that finished: try again
+            except FileNotFoundError:
+                continue  # removed between the two opens by a holder that finished: try again
+            except OSError as e:
+                raise LockFailed(f"cannot open the lock file {path} for {what} ({e.strerror})") from None
         except OSError as e:
             raise LockFailed(f"cannot create the lock file {path} for {what} ({e.strerror})") from None
         try:
@@ -120,12 +122,17 @@ def lock_path_beside(output: Path | str) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(output: Path | str, what: str) -> Iterator[Lock]:
-    """Hold the lock of `output` (see `lock_path_beside`) for the block; the lock file is removed after."""
-    lock_file = lock_path_beside(output)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    lock = acquire(lock_file, what)
+def output_lock(output: Path | str, what: str) -> Iterator[Lock | None]:
+    """Hold the lock of `output` (see `lock_path_beside`) for the block; the lock file is removed after.
+
+    Where no lock file can be made (the folder is missing, unwritable, or a file), the block runs
+    unlocked: it cannot write its output there either, and its own checks say so in its own words."""
+    try:
+        lock = acquire(lock_path_beside(output), what)
+    except LockFailed:
+        lock = None
     try:
         yield lock
     finally:
-        lock.release(remove=True)
+        if lock is not None:
+            lock.release(remove=True)

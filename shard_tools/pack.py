@@ -88,6 +88,7 @@ from shard_tools.groups import (
     unmatched_warning,
 )
 from shard_tools.images import IMAGE_SUFFIXES
+from shard_tools.locks import output_lock
 from shard_tools.outdir import staged_out
 from shard_tools.pool import WorkerPool, ordered_map, process_pool
 from shard_tools.schema import (
@@ -1009,6 +1010,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    with output_lock(args.out, f"OUT {args.out}"):  # one pack per OUT; beside it, as OUT is swapped whole
+        return pack_main(args, argv)
+
+
+def pack_main(args: argparse.Namespace, argv: list[str]) -> int:
     manifest = pack(
         args.src,
         args.out,

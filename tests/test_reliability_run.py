@@ -325,3 +325,40 @@ def test_shards_replaced_under_a_running_training_stop_it(cnn_shards, train_src,
     assert "changed while this run read its shards" in one_line(err)
     assert not (run_dir / "test_metrics.json").exists()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) < 30
+
+
+# ----------------------------------------------------------------- item 5: one writer per output, too
+
+
+def _command(name: str, tmp_path: Path, src: Path) -> tuple[list[str], Path]:
+    """The command line of `name` writing into tmp_path, and the lock file a second writer would hold."""
+    model = tmp_path / "run"
+    commands = {
+        "pack": (["shard_tools.pack", src, tmp_path / "out", "--size", "32"], tmp_path / ".out.lock"),
+        "evaluate": (
+            ["cxrdist.evaluate", model, "--shards", src, "--out", tmp_path / "e.json"],
+            tmp_path / ".e.json.lock",
+        ),
+        "explain": (["cxrdist.explain", model, src, "--out", tmp_path / "cams"], tmp_path / ".cams.lock"),
+        "export": (["cxrdist.export", model, "--out", tmp_path / "m.onnx"], tmp_path / ".m.onnx.lock"),
+        "report": (["cxrdist.report", model], model / LOCK_FILE),
+    }
+    return commands[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pack", "evaluate", "explain", "export", "report"])
+def test_every_writing_command_refuses_a_second_writer_naming_it(synth_src, tmp_path, name):
+    (tmp_path / "run").mkdir()
+    args, lock_file = _command(name, tmp_path, synth_src)
+    holder = hold_lock(lock_file)
+    try:
+        res = run_module(*args)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"is in use by another process (pid {holder.pid} on " in one_line(res.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["run", lock_file.name] if name != "report" else ["run"]
+    )

@@ -50,7 +50,7 @@ from cxrdist.report.record import (
     read_run,
     threshold,
 )
-from cxrdist.rundir import REPORT_FILE
+from cxrdist.rundir import REPORT_FILE, run_dir_lock
 from shard_tools.errors import EXIT_OK, CxrdistError
 from shard_tools.files import atomic_write_text
 
@@ -114,5 +114,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    print(write_report(args.run_dir, args.metrics))
+    with run_dir_lock(args.run_dir, "report"):  # not while a training writes there
+        print(write_report(args.run_dir, args.metrics))
     return EXIT_OK
