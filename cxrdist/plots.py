@@ -15,8 +15,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cxrdist.calibration import ece_from_bins
-from cxrdist.operating_points import ClassRoc
+from cxrdist.stats.calibration import ece_from_bins
+from cxrdist.stats.operating_points import ClassRoc
 from shard_tools.files import atomic_write_bytes
 
 DPI = 100
@@ -109,7 +109,7 @@ def plot_curves(rows: Sequence[dict], path: Path) -> Path:
 def plot_roc(roc_by_class: Mapping[str, ClassRoc | None], path: Path, title: str = "") -> Path:
     """Every class's one-vs-rest ROC curve on one figure, AUC in the legend, operating points marked.
 
-    `roc_by_class`: `cxrdist.operating_points.roc_curves` output (None for a class without a curve:
+    `roc_by_class`: `cxrdist.stats.operating_points.roc_curves` output (None for a class without a curve:
     listed in the legend as "no curve"). Markers: one shape per operating-point target, class colour.
     """
     fig = _figure(figsize=(6.4, 6.0))
@@ -179,7 +179,7 @@ def reliability_figure(bins: dict, title: str = "", bins_after: dict | None = No
     """Reliability diagram: accuracy against mean confidence per bin, ECE in the legend.
 
     `bins` (and `bins_after`, the same split after temperature scaling, drawn beside it): the dicts of
-    `cxrdist.calibration.reliability_bins`. A lower panel shows how many predictions fall in each bin;
+    `cxrdist.stats.calibration.reliability_bins`. A lower panel shows how many predictions fall in each bin;
     bars on the diagonal are perfectly calibrated, bars below it over-confident. The legend sits above
     the axes: inside, it covered the bars of whichever corner it was put in.
     """

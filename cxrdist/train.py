@@ -733,7 +733,7 @@ def write_metrics_row(run: Run, rows: list[dict], row: dict) -> None:
 def calibrate(run: Run) -> float:
     """Fit one temperature on the validation split (the best weights) and keep it in best/meta.json, where
     evaluate, predict and the ONNX export apply it. Same value on every rank; the main process writes."""
-    from cxrdist.calibration import fit_temperature, negative_log_likelihood
+    from cxrdist.stats.calibration import fit_temperature, negative_log_likelihood
 
     scores = score_split(run, "val")
     temperature = fit_temperature(scores.logits, scores.labels)
