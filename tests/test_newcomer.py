@@ -470,3 +470,24 @@ def test_readme_demo_notes_say_what_is_true() -> None:
     assert "vary slightly from run to run and machine to machine" in demo
     development = readme_section("Development")
     assert "-rs" in development and "real sample not found" in development
+
+
+@pytest.mark.slow
+def test_slurm_job_ends_with_the_trainings_exit_code(tmp_path: Path) -> None:
+    """The SLURM script launches through cxrdist.launch: a recipe typo ends the job with 2 and one line."""
+    import subprocess
+
+    from test_slurm import SCRIPT, slurm_env
+
+    env = slurm_env(tmp_path, RECIPE="recipes/cnn.toml", RUN_DIR=str(tmp_path / "run"))
+    res = subprocess.run(
+        ["bash", str(SCRIPT), "--set", "train.epoch=3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "CalledProcessError" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.count("unknown key 'train.epoch'") == 1, res.stderr[-3000:]
