@@ -272,29 +272,49 @@ def _unwrap(loader: Iterable[Any]) -> Iterator[Any]:
         yield item
 
 
-class _TrainStream(IterableDataset):
-    """One rank's training batches. Runs inside each DataLoader worker (or the main process)."""
+class _ShardStream(IterableDataset):
+    """What the training and evaluation streams share: shard URLs decoded at the manifest's image size with
+    its K labels, in batches of `batch_size`, up to `max_bad_samples` bad samples skipped per worker. Runs
+    in each DataLoader worker (or the main process)."""
+
+    def __init__(self, urls: list[str], manifest: Manifest, batch_size: int, max_bad_samples: int) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        # Sizes, not the manifest: the stream is pickled into every loader worker.
+        self.image_size, self.num_classes = manifest.image_size, len(manifest.classes)
+        self.batch_size, self.max_bad_samples = batch_size, max_bad_samples
+
+    def decoded(self, samples: Iterable[dict], masks: bool = False) -> Iterator[tuple]:
+        return _decoded(samples, self.image_size, self.num_classes, self.max_bad_samples, masks)
+
+    @staticmethod
+    def failure_as_item(batches: Iterable[tuple]) -> Iterator[Any]:
+        """`batches`, ended by a `_Failure` item when reading raises `DataError` (see `_Failure`)."""
+        try:
+            yield from batches
+        except DataError as e:
+            yield _Failure(str(e))
+
+
+class _TrainStream(_ShardStream):
+    """One rank's training batches: exactly `steps` of them, resampled from the shards."""
 
     def __init__(
         self,
         urls: list[str],
-        *,
-        image_size: int,
-        num_classes: int,
+        manifest: Manifest,
         batch_size: int,
+        max_bad_samples: int,
+        *,
         steps: int,
         seed: int,
         epoch: int,
         rank: int,
         shuffle_buffer: int,
-        max_bad_samples: int,
     ):
-        super().__init__()
-        self.urls = list(urls)
-        self.image_size, self.num_classes = image_size, num_classes
-        self.batch_size, self.steps = batch_size, steps
+        super().__init__(urls, manifest, batch_size, max_bad_samples)
+        self.steps, self.shuffle_buffer = steps, shuffle_buffer
         self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.shuffle_buffer, self.max_bad_samples = shuffle_buffer, max_bad_samples
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker, num_workers = _worker()
@@ -310,50 +330,29 @@ class _TrainStream(IterableDataset):
         shards = wds.ResampledShards(
             self.urls, seed=derive_seed("shards", *ident), worker_seed=_no_worker_seed, deterministic=True
         )
-        items = _decoded(
-            _raw_samples(shard["url"] for shard in shards),
-            self.image_size,
-            self.num_classes,
-            self.max_bad_samples,
-        )
+        items = self.decoded(_raw_samples(shard["url"] for shard in shards))
         needed = my_steps * self.batch_size
         if self.shuffle_buffer > 0:
             items = _shuffled(
                 items, self.shuffle_buffer, random.Random(derive_seed("buffer", *ident)), needed
             )
-        try:
-            for images, labels, _keys in _batches(islice(items, needed), self.batch_size, partial=False):
-                yield images, labels
-        except DataError as e:
-            yield _Failure(str(e))
+        batches = _batches(islice(items, needed), self.batch_size, partial=False)
+        yield from self.failure_as_item((images, labels) for images, labels, _keys in batches)
 
 
-class _EvalStream(IterableDataset):
+class _EvalStream(_ShardStream):
     """One rank's evaluation batches over its own shards, split again across workers."""
 
     def __init__(
-        self,
-        urls: list[str],
-        *,
-        image_size: int,
-        num_classes: int,
-        batch_size: int,
-        max_bad_samples: int,
-        masks: bool = False,
+        self, urls: list[str], manifest: Manifest, batch_size: int, max_bad_samples: int, masks: bool = False
     ):
-        super().__init__()
-        self.urls = list(urls)
-        self.image_size, self.num_classes = image_size, num_classes
-        self.batch_size, self.max_bad_samples, self.masks = batch_size, max_bad_samples, masks
+        super().__init__(urls, manifest, batch_size, max_bad_samples)
+        self.masks = masks
 
     def __iter__(self) -> Iterator[tuple]:
         worker, num_workers = _worker()
-        samples = _raw_samples(self.urls[worker::num_workers])
-        items = _decoded(samples, self.image_size, self.num_classes, self.max_bad_samples, self.masks)
-        try:
-            yield from _batches(items, self.batch_size, partial=True)
-        except DataError as e:
-            yield _Failure(str(e))
+        items = self.decoded(_raw_samples(self.urls[worker::num_workers]), self.masks)
+        yield from self.failure_as_item(_batches(items, self.batch_size, partial=True))
 
 
 def _worker_signals(_worker_id: int) -> None:
@@ -445,15 +444,14 @@ def train_batches(
         raise DataError(f"{manifest.source}: split '{split}' has no samples to train on")
     dataset = _TrainStream(
         urls,
-        image_size=manifest.image_size,
-        num_classes=len(manifest.classes),
-        batch_size=batch_size,
+        manifest,
+        batch_size,
+        max_bad_samples,
         steps=steps,
         seed=seed,
         epoch=epoch,
         rank=rank,
         shuffle_buffer=shuffle_buffer,
-        max_bad_samples=max_bad_samples,
     )
     n = 0
     for batch in _unwrap(_loader(dataset, min(num_workers, steps), pin_memory)):
@@ -493,14 +491,7 @@ def eval_batches(
     mine = manifest.shard_urls(split)[rank::world_size]
     if not mine:
         return
-    dataset = _EvalStream(
-        mine,
-        image_size=manifest.image_size,
-        num_classes=len(manifest.classes),
-        batch_size=batch_size,
-        max_bad_samples=max_bad_samples,
-        masks=masks,
-    )
+    dataset = _EvalStream(mine, manifest, batch_size, max_bad_samples, masks)
     # A worker without a shard would only cost a process start.
     yield from _unwrap(_loader(dataset, min(num_workers, len(mine)), pin_memory))
 
