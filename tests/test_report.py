@@ -586,6 +586,15 @@ def test_optional_tta_subgroups_and_groups(tmp_path):
     assert "/data/patients.csv" in data and "3 images not in the file formed a group each" in data
 
 
+def test_macro_average_says_which_classes_it_leaves_out(tmp_path):
+    metrics = run_metrics() | {"macro_over": ["COVID", "Normal", "Viral Pneumonia"]}
+    page = write_report(make_run(tmp_path / "run", metrics=metrics)).read_text()
+    note = re.search(r'<span id="macro-left-out">(.*?)</span>', section(page, "results"))
+    assert note and note.group(1).startswith("The macro average leaves out Lung_Opacity: no test image of it")
+    full = write_report(make_run(tmp_path / "full")).read_text()
+    assert "macro-left-out" not in full
+
+
 def test_operating_points_without_threshold_or_curve(tmp_path):
     metrics = run_metrics()
     points = metrics["operating_points"]

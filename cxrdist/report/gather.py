@@ -240,6 +240,7 @@ def gather_results(run: RunRecord) -> dict[str, Any]:
         {"name": avg, "cells": [_value(get(m, avg, k), get(ci, avg, k)) for k, _ in CLASS_METRICS]}
         for avg in ("macro", "weighted")
     ]
+    covered = m.get("macro_over")  # the classes with test images, which the macro average covers
     plot = result_plot(run, "confusion", CONFUSION_PNG)
     caption = "Rows: true class; columns: predicted class."
     return {
@@ -247,6 +248,7 @@ def gather_results(run: RunRecord) -> dict[str, Any]:
         "rows": rows,
         "averages": averages,
         "num_samples": m.get("num_samples"),
+        "left_out": [c for c in run.classes if c not in covered] if isinstance(covered, list) else [],
         "figure": figure(run, plot, "confusion matrix of the test split", caption),
     }
 
