@@ -40,22 +40,12 @@ from cxrdist.rundir import (
     ROC_PNG,
     TEST_METRICS_FILE,
 )
+from cxrdist.stats import registry
 from shard_tools.schema import SPLITS
 
-CLASS_METRICS = (
-    ("precision", "precision"),
-    ("recall", "recall (sensitivity)"),
-    ("specificity", "specificity"),
-    ("f1", "F1"),
-    ("roc_auc", "ROC-AUC"),
-)
-HEADLINE = (
-    ("accuracy", "accuracy"),
-    ("balanced_accuracy", "balanced accuracy"),
-    ("macro_f1", "macro F1"),
-    ("weighted_f1", "weighted F1"),
-    ("macro_roc_auc", "macro ROC-AUC"),
-)
+# (key, label) pairs, from the one registry of metric names (cxrdist.stats.registry).
+CLASS_METRICS = tuple((m.key, m.label) for m in registry.CLASS_METRICS)
+HEADLINE = tuple((m.key, m.label) for m in (*registry.SUMMARY_METRICS, *registry.DERIVED_METRICS))
 # The demo's folder of `shard_tools.synth` output (cxrdist.demo packs OUT/synthetic).
 SYNTHETIC_FOLDER = "synthetic"
 # cxrdist.audit's variants in its order (audit.json is written with sorted keys); others follow, as given.

@@ -31,6 +31,8 @@ SUMMARY_METRICS: tuple[Metric, ...] = (
     Metric("macro_f1", "macro F1", "macro F1"),
     Metric("weighted_f1", "weighted F1", "weighted F1"),
 )
+# Built from the averages where a summary names them at the top level (evaluate's `without_tta`).
+DERIVED_METRICS: tuple[Metric, ...] = (Metric("macro_roc_auc", "macro ROC-AUC", "macro ROC-AUC"),)
 # The summary metrics a one-line summary shows (the table's footer, the TTA and subgroup lines).
 HEADLINE: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_f1")
 # How the class averages are labelled; "macro" averages over the classes in `macro_over` only.
@@ -38,7 +40,7 @@ AVERAGES: dict[str, str] = {"macro": "macro avg", "weighted": "weighted avg"}
 
 CLASS_KEYS: tuple[str, ...] = tuple(m.key for m in CLASS_METRICS)
 SUMMARY_KEYS: tuple[str, ...] = tuple(m.key for m in SUMMARY_METRICS)
-_BY_KEY = {m.key: m for m in (*CLASS_METRICS, *SUMMARY_METRICS)}
+_BY_KEY = {m.key: m for m in (*CLASS_METRICS, *SUMMARY_METRICS, *DERIVED_METRICS)}
 
 
 def metric(key: str) -> Metric:
