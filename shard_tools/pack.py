@@ -31,8 +31,10 @@ Output: `OUT/{train,val,test}-NNNNNN.tar` and `OUT/manifest.json`, as specified 
 Each image goes through `images.load_gray` (8-bit gray, LANCZOS resize to size x size) and is stored as a
 lossless PNG. The same input and options give byte-identical shards, whatever OUT and `--workers` are.
 OUT is built in a hidden folder beside it and swapped in at the end; `--force` replaces only an empty
-folder or a folder of shards (`shard_tools.outdir`). Exit codes: 0 done, 1 writing failed (disk full),
-2 bad input or options, 130 Ctrl-C, 143 SIGTERM; nothing half-written is left in any case.
+folder or a folder of shards (`shard_tools.outdir`). Exit codes: 0 done, 1 the run failed (a full disk,
+more unreadable files than `--max-skipped`, a worker process killed), 2 bad input or options, 130 Ctrl-C,
+143 SIGTERM; nothing half-written is left in any case. Files that are not regular files (a FIFO, a device)
+or larger than 256 MiB are skipped unread, like unreadable images (`files.read_input_file`).
 
 Splits (`shard_tools.splits`) are stratified per class, and images with identical pixels stay in one
 split, so a duplicate never leaks from train into val or test (`--duplicates drop` keeps only one of each
