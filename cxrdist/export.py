@@ -27,10 +27,13 @@ atomically; an existing `--out` is replaced only with `--force`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +48,7 @@ from cxrdist.augment import normalize_stats
 from cxrdist.lungs import focus_values
 from cxrdist.onnx_model import FORMAT, INPUT_DTYPES, INPUT_NAME, ONNX_SUFFIX, OUTPUT_NAME, load_onnx
 from shard_tools.cli import run_main
-from shard_tools.errors import CxrdistError, InputError
+from shard_tools.errors import CxrdistError, InputError, Terminated
 from shard_tools.files import atomic_write_bytes
 from shard_tools.locks import output_lock
 
@@ -197,7 +200,8 @@ def export_onnx(
     temperature = meta.temperature if use_temperature else None
     graph = InferenceGraph(model, meta.in_chans, temperature, meta.lung_focus).eval()
     try:
-        data = onnx_bytes(graph, meta, onnx_metadata(meta, temperature, input_dtype), input_dtype)
+        with signals_deferred():
+            data = onnx_bytes(graph, meta, onnx_metadata(meta, temperature, input_dtype), input_dtype)
     except ImportError as e:
         raise CxrdistError(f"ONNX export needs the onnx extra ({e}): pip install 'cxrdist[onnx]'") from None
     diff = _check(graph, data, meta, input_dtype)
@@ -206,6 +210,26 @@ def export_onnx(
     except OSError as e:
         raise CxrdistError(f"cannot write {out} ({e}); nothing was written") from None
     return ExportResult(out, model_dir, meta, temperature, input_dtype, diff, len(data))
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and Ctrl-C wait for the end of the block, then stop the command as anywhere else (exit 143 or
+    130, one line). Raised inside `torch.onnx.export` they would surface as its `TorchExportError` (a
+    traceback, exit 1) or leave `torch._dynamo` half imported. The exporter runs for seconds, not minutes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:  # replaces whatever the exporter raised meanwhile: the user asked to stop
+            raise (KeyboardInterrupt() if received[0] == signal.SIGINT else Terminated()) from None
 
 
 def _check(graph: InferenceGraph, data: bytes, meta: ModelMeta, input_dtype: str) -> float:

@@ -15,7 +15,9 @@ message is the whole story: one line that names the file or key and says what to
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -51,3 +53,27 @@ def exit_code_for(error: BaseException) -> int:
     if isinstance(error, Terminated):
         return EXIT_SIGTERM
     return EXIT_FAILED
+
+
+def one_line_stops_at_startup() -> None:
+    """For `python -m shard_tools.X` and `python -m cxrdist.X`, from the package's import on (its
+    `__init__`): Ctrl-C or SIGTERM that lands while the command's modules still import (torch takes
+    seconds) ends it with one line and 130 or 143, not a KeyboardInterrupt traceback or a silent death.
+    Once `main` runs, `shard_tools.cli.run_main` handles both, and training its own stop flag."""
+
+    def on_sigterm(_signum, _frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    previous = sys.excepthook
+
+    def hook(kind, error, tb) -> None:
+        if not issubclass(kind, (KeyboardInterrupt, Terminated)):
+            previous(kind, error, tb)
+            return
+        name = "Ctrl-C" if issubclass(kind, KeyboardInterrupt) else "SIGTERM"
+        sys.stderr.write(f"stopped: stopped by {name} while starting; nothing was written\n")
+        sys.stderr.flush()
+        os._exit(exit_code_for(error))  # the code of the README's table, not Python's re-raised signal
+
+    sys.excepthook = hook

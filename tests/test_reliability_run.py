@@ -362,3 +362,47 @@ def test_every_writing_command_refuses_a_second_writer_naming_it(synth_src, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["run", lock_file.name] if name != "report" else ["run"]
     )
+
+
+# -------------------------------------------------------------------------- item 9: signals at start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["cxrdist.train", "cxrdist.evaluate", "cxrdist.export", "cxrdist.explain"])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_while_a_command_still_imports_is_one_line(module, sig, code):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--help"],
+        cwd=ROOT,
+        env=quiet_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, signalled whole as a terminal or scancel does
+    )
+    time.sleep(0.5)  # inside `import torch` (seconds)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-3000:]
+    assert "stopped" in one_line(err)
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_onnx_export_is_one_line_and_143(trained_run, tmp_path):
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "model.onnx"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cxrdist.export", trained_run, "--out", out],
+        cwd=ROOT,
+        env=quiet_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    time.sleep(6)  # the window: torch.onnx.export importing torch._dynamo
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM" in one_line(err)
+    assert list(tmp_path.iterdir()) == []  # no model, no temporary, no lock file
