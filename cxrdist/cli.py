@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ def run_on_every_rank(main: Callable[[Sequence[str] | None], int], argv: Sequenc
         if isinstance(message, (ConfigError, Preempted)) and not is_main_launch_process():
             # torchrun stops every rank as soon as one exits: a silent rank leaving first would get rank 0
             # killed before it says the line. Let rank 0 exit first (it is stopped with us if it is slower).
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # being stopped now is the expected end: silent
             time.sleep(SILENT_RANK_EXIT_DELAY_S)
             return
         if isinstance(message, (Preempted, Aborted)):
