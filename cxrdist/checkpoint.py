@@ -1,7 +1,8 @@
 """Checkpoints: the loop state, naming, listing, saving and loading of `run.dir/checkpoints/epoch-*`.
 
-A checkpoint is one folder, written by every rank into a hidden temporary folder and renamed into place by
-the main process, so a crash mid-save leaves the previous checkpoint as the latest::
+A checkpoint is one folder, written by every rank into a hidden temporary folder, flushed to the disk
+(fsync) and renamed into place by the main process, so a crash or power loss mid-save leaves the previous
+checkpoint as the latest, and a torn file is refused on resume (`load_checkpoint`)::
 
     checkpoints/epoch-0003/                   after epoch 3
     checkpoints/epoch-0003-plus-000040/       40 micro-steps into epoch 4 (SIGTERM, Ctrl-C)
@@ -17,6 +18,7 @@ one moved aside as `epoch-0002.bad` is never resumed from.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, fields
@@ -104,6 +106,11 @@ def save_checkpoint(
                 save_file(ema_state, str(tmp / EMA_FILE))
     except Exception as e:  # OSError, or the same I/O failure wrapped by torch or safetensors
         problem = f"{type(e).__name__}: {e}"
+    if not problem:
+        try:
+            fsync_tree(tmp)  # every rank its own files: on the disk before the rename makes them the latest
+        except OSError as e:
+            problem = f"{type(e).__name__}: {e}"
     if not all_ranks_ok(acc, not problem):  # every rank stops here together instead of hanging
         raise CheckpointError(
             f"cannot write checkpoint {final} ({problem or 'failed on another rank'}). The previous "
@@ -111,10 +118,34 @@ def save_checkpoint(
         )
     if acc.is_main_process:
         replace_dir(tmp, final)
+        _fsync_dir(ckpt_root)  # the rename itself, before older checkpoints go
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders, to the disk. Accelerate and safetensors write
+    with plain buffered I/O; without this a power loss soon after the rename could leave the checkpoint
+    named but with empty or partial files (the file system may commit the rename before the data)."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for path in [*sorted(p for p in Path(folder).rglob("*") if p.is_dir()), Path(folder)]:
+        _fsync_dir(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def required_files(world_size: int, ema: bool, scaler: bool) -> list[str]:

@@ -94,7 +94,8 @@ class _PipeStream(io.RawIOBase):
 class _HTTPStream(io.RawIOBase):
     """The body of an http(s) URL that survives dropped connections and server errors.
 
-    A connection that breaks mid-body (reset, timeout, or fewer bytes than Content-Length) is reopened
+    A connection that breaks mid-body (reset, fewer bytes than Content-Length, or a server that stalls:
+    no byte for `HTTP_TIMEOUT_S`, the bytes it did send kept) is reopened
     with ``Range: bytes=<offset>-``, so the reader (a tar parser) continues at the byte where it stopped:
     restarting from byte 0 would repeat samples. A server that ignores Range (200 instead of 206) is read
     from the start again, discarding the bytes already delivered. If the resource changed in between
@@ -122,7 +123,10 @@ class _HTTPStream(io.RawIOBase):
             if self.resp is None:
                 self._connect()
             try:
-                n = self.resp.readinto(buffer)
+                # readinto1: what has arrived (one socket read), not a full buffer. readinto would block
+                # until the 1 MiB buffer fills, so a server stalling mid-body would time out with the bytes
+                # it did send discarded, and every retry would restart at the same offset and stall again.
+                n = self.resp.readinto1(buffer)
             except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
                 error: Exception = e
             else:

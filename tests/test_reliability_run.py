@@ -406,3 +406,81 @@ def test_sigterm_during_the_onnx_export_is_one_line_and_143(trained_run, tmp_pat
     assert proc.returncode == 143, err[-3000:]
     assert "SIGTERM" in one_line(err)
     assert list(tmp_path.iterdir()) == []  # no model, no temporary, no lock file
+
+
+# ----------------------------------------------------------------- item 12: torn checkpoints, stalls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("torn", ["model.safetensors", "optimizer.bin", "train_state.json"])
+def test_a_torn_checkpoint_file_is_refused_on_resume_with_one_line(cnn_shards, tmp_path, torn):
+    run_dir = tmp_path / "run"
+    res = run_module("cxrdist.train", RECIPE, *cnn_sets(run_dir, cnn_shards, 1))
+    assert res.returncode == 0, res.stderr[-3000:]
+    path = run_dir / "checkpoints" / "epoch-0001" / torn
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # as a power loss before fsync left it
+    res = run_module("cxrdist.train", RECIPE, *cnn_sets(run_dir, cnn_shards, 2), "--resume")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "cannot resume from" in one_line(res.stderr) and "epoch-0001" in res.stderr
+
+
+def test_checkpoints_are_flushed_before_the_rename(tmp_path, monkeypatch):
+    from cxrdist import checkpoint
+
+    (tmp_path / "ckpt" / "sub").mkdir(parents=True)
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"w")
+    (tmp_path / "ckpt" / "sub" / "x").write_bytes(b"x")
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(
+        checkpoint.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd)
+    )
+    checkpoint.fsync_tree(tmp_path / "ckpt")
+    names = {Path(p).relative_to(tmp_path).as_posix() for p in synced}
+    assert names == {"ckpt", "ckpt/sub", "ckpt/model.safetensors", "ckpt/sub/x"}
+
+
+def test_a_stalled_http_shard_times_out_and_continues_with_range(monkeypatch):
+    """A server that stops sending mid-body without closing (a stall, not a failure): the read times out
+    after HTTP_TIMEOUT_S and the reader continues with a Range request, instead of hanging."""
+    import http.server
+    import threading
+
+    from cxrdist import streams
+
+    body = bytes(range(256)) * 64
+    ranges = []
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ranges.append(self.headers.get("Range"))
+            start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(body) - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.end_headers()
+            if start:
+                self.wfile.write(body[start:])
+                return
+            self.wfile.write(body[:5000])
+            self.wfile.flush()
+            time.sleep(5)  # stalled: the connection stays open, nothing more comes
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(streams, "HTTP_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(streams, "HTTP_BACKOFF_S", 0.01)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with streams.open_url(f"http://127.0.0.1:{server.server_address[1]}/train-000000.tar") as f:
+            assert f.read() == body
+        assert time.monotonic() - started < 4
+        assert ranges == [None, "bytes=5000-"]
+    finally:
+        server.shutdown()
+        server.server_close()
