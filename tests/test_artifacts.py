@@ -70,6 +70,7 @@ def test_find_model_dir_errors_name_the_path(tmp_path):
         load_model_files(tmp_path / "bad")
 
 
+@pytest.mark.slow  # asks git itself
 def test_provenance_names_version_and_commit():
     """In a git checkout the commit is HEAD's (as git itself says), never the fallback."""
     prov = provenance()
