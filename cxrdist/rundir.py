@@ -8,15 +8,23 @@
       best/                model.safetensors + meta.json
       test_metrics.json    plots (*.png), report.html
       audit.json           the shortcut audit (`cxrdist.audit`), audit_examples.png, audit_visible.png
+      .cxrdist.lock        the lock of its one writer (`shard_tools.locks`); it also marks a cxrdist run dir
 
 Rules:
+- A run directory has one writer for its whole life: the main process holds `.cxrdist.lock` (flock,
+  released by the OS when the process dies) from before it looks at the folder until the run ends; a
+  second start is refused naming the holder, on every rank.
 - A run directory belongs to one run. A new run refuses a folder holding an earlier run's results or
   checkpoints unless the user passes `--overwrite`, which removes exactly the files listed in `RUN_OUTPUTS`
-  (a file the user put there is never touched) and starts clean.
+  (a file the user put there is never touched; in gradcam/, only `GRADCAM_OUTPUTS`) and starts clean.
+- cxrdist never writes over, or deletes, a file it did not write: a folder that is not a run directory
+  (`is_run_dir`) and holds anything is refused (with `--overwrite`, only if none of its names is one a run
+  writes), and so is a run directory holding files of the user's, unless `--overwrite`.
 - `--resume` continues only on the same data: the manifest it is given must list the same classes in the
   same order, the same image size and the same shards (names, counts, checksums) as `manifest.json`.
   Where the shards live may change (another disk, a bucket).
-- A run that fails before it has written any result leaves no trace: the folder it created is removed.
+- A run that fails before it has written any result, or is stopped (SIGTERM, Ctrl-C), leaves no trace: the
+  files it wrote, its lock file and the folders it created are removed (`RunDirClaim`), nothing else.
 """
 
 from __future__ import annotations
