@@ -123,7 +123,8 @@ def loader_cases(
 ) -> tuple[list[tuple[str, Case]], float]:
     """The cases (a)-(d), named, and the seconds the device cache took to fill."""
     from cxrdist.config import DataConfig
-    from cxrdist.data import DeviceCache, read_manifest, steps_per_epoch, train_batches
+    from cxrdist.data import read_manifest, steps_per_epoch, train_batches
+    from cxrdist.device_cache import DeviceCache
 
     manifest = read_manifest(str(data.shards))
     steps = steps_per_epoch(manifest.count("train"), batch_size)

@@ -40,7 +40,8 @@ import torch
 from cxrdist.artifacts import ModelMeta, find_model_dir, load_trained_model
 from cxrdist.augment import eval_transform
 from cxrdist.cli import add_batching, add_model, check_writable_file, refuse_existing
-from cxrdist.data import DeviceCache, Manifest, eval_batches, read_manifest, sample_paths, to_device
+from cxrdist.data import Manifest, eval_batches, read_manifest, sample_paths, to_device
+from cxrdist.device_cache import DeviceCache
 from cxrdist.distributed import gather_objects, gather_rows, is_main_launch_process
 from cxrdist.lungs import focus
 from cxrdist.stats.metrics import summarize

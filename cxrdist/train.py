@@ -46,8 +46,9 @@ from cxrdist.checkpoint import (  # noqa: E402
 )
 from cxrdist.cli import add_overrides, run_on_every_rank  # noqa: E402
 from cxrdist.config import Config, config_to_dict, load_config  # noqa: E402
-from cxrdist.data import DataError, DeviceCache, Manifest, read_manifest, steps_per_epoch, to_device  # noqa: E402
+from cxrdist.data import DataError, Manifest, read_manifest, steps_per_epoch, to_device  # noqa: E402
 from cxrdist.data import train_batches as stream_train_batches  # noqa: E402
+from cxrdist.device_cache import DeviceCache  # noqa: E402
 from cxrdist.distributed import (  # noqa: E402
     Preempted,
     StopFlag,

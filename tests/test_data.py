@@ -12,15 +12,16 @@ import pytest
 import torch
 from servers import serving
 
+import cxrdist.data
 from cxrdist.data import (
     DataError,
-    DeviceCache,
     eval_batches,
     read_manifest,
     steps_per_epoch,
     to_device,
     train_batches,
 )
+from cxrdist.device_cache import DeviceCache
 from cxrdist.streams import shard_url
 from shard_tools.schema import ManifestError
 
@@ -290,6 +291,7 @@ def test_pipe_commands_get_shard_names_quoted():
 def test_device_cache(shards):
     out, samples = shards
     m = read_manifest(str(out))
+    assert cxrdist.data.DeviceCache is DeviceCache  # the name it had in cxrdist.data still works
     assert DeviceCache.load(m, "train", "cpu", max_bytes=100) is None  # does not fit: stream instead
     cache = DeviceCache.load(m, "train", "cpu", max_bytes=1 << 20, num_workers=2)
     n = m.count("train")
