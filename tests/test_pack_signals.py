@@ -8,6 +8,7 @@ verify's and synth's pool workers printed a traceback on every clean run.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from shard_tools.pool import WorkerDied, ordered_map, process_pool
 from shard_tools.synth import generate
 
 pytestmark = pytest.mark.slow
@@ -117,3 +119,30 @@ def test_verify_and_synth_print_no_traceback_on_a_clean_run(tmp_path: Path):
         )
         assert verify.returncode == 0 and "Traceback" not in verify.stderr, verify.stderr
         assert verify.stderr == ""
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _fails_on_7(x: int) -> int:
+    if x == 7:
+        raise ValueError("seven")
+    return x
+
+
+def _dies_on_13(x: int) -> int:
+    if x == 13:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def test_pool_keeps_order_reraises_and_names_a_dead_worker():
+    jobs = list(range(100))
+    with process_pool(3) as pool:
+        assert list(ordered_map(pool, _square, jobs, chunksize=4)) == [x * x for x in jobs]
+    with process_pool(2) as pool, pytest.raises(ValueError, match="seven"):
+        list(ordered_map(pool, _fails_on_7, jobs))
+    with process_pool(2) as pool, pytest.raises(WorkerDied, match="killed by SIGKILL"):
+        list(ordered_map(pool, _dies_on_13, jobs))
+    assert mp.active_children() == []  # every worker reaped, whichever way the block ended
