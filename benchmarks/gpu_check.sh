@@ -17,7 +17,9 @@
 # Environment: PYTHON (default: the first of python3, python with CUDA torch), CXRDIST_WHEELS (default
 # build/wheels), OUT (results folder; default: a new temp folder), CHECK_TIMEOUT_S (default 540: the check
 # must end within the device tool's 10-minute command limit, install included).
-# Writes to OUT: gpu-check.json, gpu-check.md (the table for BENCHMARKS.md), cuda-tests.log, gpu-check.log.
+# Writes to OUT: gpu-check.json, gpu-check.md (the table for BENCHMARKS.md), cuda-tests.log, gpu-check.log,
+# profile-resnet18.txt. On one H200 (2026-12-04) the check took 276 s plus about 10 s of set-up here, so
+# CHECK_TIMEOUT_S=400 and a device-tool timeout_s of 430 leave room.
 # Exit code: the check's (0 ok; 1 a test failed or an error, CUDA's included; 124 timed out).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -121,11 +121,15 @@ def test_gpu_check_quick_runs_the_whole_plan(tmp_path):
         assert v["result"] in ("PASS", "MISS") and v["target"] in (0.9, 0.7)
         assert f"{v['result']}  {v['model']} {v['input']}:" in res.stdout
 
-    full = results["full_epoch"]
-    assert (
-        full["recipe"] == "recipes/resnet18_scratch.toml" and full["train_images"] == data["splits"]["train"]
-    )
-    assert full["epoch_s"] > 0 and full["wall_s"] > full["epoch_s"]
+    exp = results["experiment"]
+    assert exp["recipe"] == "recipes/resnet18_scratch.toml" and exp["train_images"] == data["splits"]["train"]
+    assert len(exp["epoch_seconds"]) == exp["epochs"] == 2 and exp["first_epoch_s"] == exp["epoch_seconds"][0]
+    assert exp["wall_s"] > exp["training_s"] == pytest.approx(sum(exp["epoch_seconds"]))
+    assert exp["result"] in ("PASS", "MISS") and f"**{exp['result']}**" in markdown
+    # The diagnoses ran: the profiled step and the loader alone (their failure would be recorded instead).
+    assert "profile_error" not in results and results["profile"]["step_ms"] > 0
+    assert (out.parent / "profile-resnet18.txt").read_text().count("\n") > 5
+    assert "loader_error" not in results and all(r > 0 for r in results["loader"]["epoch_images_per_s"])
 
 
 def test_stand_alone_scripts(tmp_path):
