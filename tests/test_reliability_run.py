@@ -387,12 +387,26 @@ def test_a_stop_while_a_command_still_imports_is_one_line(module, sig, code):
     assert "stopped" in one_line(err)
 
 
+# `python -m cxrdist.export`, saying "exporting" the moment torch.onnx.export is called.
+EXPORT_ANNOUNCED = """
+import runpy, sys, torch
+export = torch.onnx.export
+def announced(*args, **kwargs):
+    print("exporting", flush=True)
+    return export(*args, **kwargs)
+torch.onnx.export = announced
+sys.argv = ["cxrdist.export", *sys.argv[1:]]
+runpy.run_module("cxrdist.export", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
-def test_sigterm_during_the_onnx_export_is_one_line_and_143(trained_run, tmp_path):
+@pytest.mark.parametrize("after_s", [0.0, 1.0])
+def test_sigterm_during_the_onnx_export_is_one_line_and_143(trained_run, tmp_path, after_s):
     pytest.importorskip("onnxscript")
     out = tmp_path / "model.onnx"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cxrdist.export", trained_run, "--out", out],
+        [sys.executable, "-c", EXPORT_ANNOUNCED, trained_run, "--out", out],
         cwd=ROOT,
         env=quiet_env(),
         stdout=subprocess.PIPE,
@@ -400,7 +414,8 @@ def test_sigterm_during_the_onnx_export_is_one_line_and_143(trained_run, tmp_pat
         text=True,
         start_new_session=True,
     )
-    time.sleep(6)  # the issue's window: torch.onnx.export importing torch._dynamo
+    assert proc.stdout.readline().strip() == "exporting"
+    time.sleep(after_s)  # the exporter runs for 2-3 s here, importing torch._dynamo and onnxscript first
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
