@@ -361,23 +361,30 @@ def profile_device_cache_step(model: str, batch: int, setup: Setup, out: Path) -
 def loader_only(batch: int, setup: Setup) -> dict[str, Any]:
     """The streaming loader alone (`data.cache=none`, one decoding worker per core, pinned batches), two
     epochs, each timed from its start (worker start-up included, as in training): the most images/s
-    streaming can feed a GPU on this machine."""
+    streaming can feed a GPU on this machine. Beside it, the same loader in this process (no worker) over
+    two batches: one core's decoding rate, which tells worker start-up from decoding in an epoch."""
     from cxrdist.config import DataConfig
     from cxrdist.data import read_manifest, steps_per_epoch, train_batches
 
     manifest = read_manifest(str(setup.data.shards))
-    n = steps_per_epoch(manifest.count("train"), batch)
-    rates = []
-    for epoch in (1, 2):
+
+    def images_per_s(epoch: int, steps: int, workers: int) -> float:
         start = time.perf_counter()
         for images, _ in train_batches(
-            manifest, batch_size=batch, steps=n, epoch=epoch, seed=0, rank=0, world_size=1,
-            num_workers=setup.workers, shuffle_buffer=DataConfig().shuffle_buffer,
+            manifest, batch_size=batch, steps=steps, epoch=epoch, seed=0, rank=0, world_size=1,
+            num_workers=workers, shuffle_buffer=DataConfig().shuffle_buffer,
         ):  # fmt: skip
             images.to(setup.device, non_blocking=True)
         sync(setup.device)
-        rates.append(n * batch / (time.perf_counter() - start))
-    return {"batch_size": batch, "num_workers": setup.workers, "epoch_images_per_s": rates}
+        return steps * batch / (time.perf_counter() - start)
+
+    n = steps_per_epoch(manifest.count("train"), batch)
+    return {
+        "batch_size": batch,
+        "num_workers": setup.workers,
+        "epoch_images_per_s": [images_per_s(epoch, n, setup.workers) for epoch in (1, 2)],
+        "one_core_images_per_s": images_per_s(3, min(n, 2), 0),
+    }
 
 
 def measure(setup: Setup, peak: float | None) -> list[dict[str, Any]]:
@@ -524,7 +531,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"Streaming loader alone ({loader['num_workers']} workers, batch {loader['batch_size']}, epochs "
             f"timed from their start): "
             + ", ".join(f"{r:,.0f}" for r in loader["epoch_images_per_s"])
-            + " img/s.",
+            + f" img/s; in this process (one core, no worker): {loader['one_core_images_per_s']:,.0f} img/s.",
             "",
         ]
     lines += [

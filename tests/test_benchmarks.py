@@ -129,7 +129,9 @@ def test_gpu_check_quick_runs_the_whole_plan(tmp_path):
     # The diagnoses ran: the profiled step and the loader alone (their failure would be recorded instead).
     assert "profile_error" not in results and results["profile"]["step_ms"] > 0
     assert (out.parent / "profile-resnet18.txt").read_text().count("\n") > 5
-    assert "loader_error" not in results and all(r > 0 for r in results["loader"]["epoch_images_per_s"])
+    loader = results["loader"]
+    assert "loader_error" not in results and all(r > 0 for r in loader["epoch_images_per_s"])
+    assert loader["one_core_images_per_s"] > 0
 
 
 def test_stand_alone_scripts(tmp_path):
