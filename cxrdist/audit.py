@@ -191,13 +191,27 @@ def _ci(metrics: dict, value: float, *path: str) -> str:
     return f"{value:.2f} (95% CI {node[0]:.2f}-{node[1]:.2f})" if node else f"{value:.2f} (no interval)"
 
 
-def verdict(variants: dict[str, dict], chance: dict, classes, mask_source: str) -> dict:
+def verdict(
+    variants: dict[str, dict], chance: dict, classes, mask_source: str, lung_focus: str = "off"
+) -> dict:
     """The flag, its one-line sentence and its reasons, from the variants' metrics (module docstring)."""
     intact, hidden, border = (variants[v]["metrics"] for v in ("intact", "lungs_hidden", "border_only"))
     level = chance["balanced_accuracy"]
     where = "lung fields: per-image masks" if mask_source == "shards" else "lung fields: the template"
     if level is None or intact["balanced_accuracy"] is None:
         return {"shortcut_suspected": False, "line": "No audit: the split has no samples.", "reasons": []}
+    if lung_focus == "mask":
+        # Its preprocessing greys everything outside the template, so "lungs hidden" and "border only" both
+        # reach it as one flat grey image: chance there is automatic, and says nothing either way.
+        return {
+            "shortcut_suspected": False,
+            "line": (
+                "Not testable by occlusion: this model sees only the template's lung fields (lung_focus = "
+                "mask), so with the lungs hidden or only the border visible it gets a blank image; a shortcut "
+                "can still come from inside those fields (markers, tubes, a child's smaller chest)."
+            ),
+            "reasons": [],
+        }
     reasons, clauses, kept = [], [], []
     ba = hidden["balanced_accuracy"]
     if _low(hidden, ba, "balanced_accuracy") > level + MARGIN:
@@ -254,7 +268,13 @@ def mask_note(mask_source: str) -> str:
     )
 
 
-def audit_report(variant_scores: dict[str, SplitScores], classes, options: AuditOptions, mask_source: str):
+def audit_report(
+    variant_scores: dict[str, SplitScores],
+    classes,
+    options: AuditOptions,
+    mask_source: str,
+    lung_focus: str = "off",
+):
     """audit.json's numbers and verdict (without visible_region, gradcam, per_source, provenance): a pure
     function of the gathered scores, the same on every rank."""
     labels = variant_scores["intact"].labels
@@ -276,7 +296,7 @@ def audit_report(variant_scores: dict[str, SplitScores], classes, options: Audit
         "margin": MARGIN,
         "intervals": {"method": METHOD, "resamples": options.resamples, "seed": options.seed, "level": 0.95},
         "variants": variants,
-        "verdict": verdict(variants, chance, classes, mask_source),
+        "verdict": verdict(variants, chance, classes, mask_source, lung_focus),
     }
 
 
@@ -438,7 +458,7 @@ def finish_audit(
     pictures beside it (`AUDIT_EXAMPLES_PNG`, `AUDIT_VISIBLE_PNG`; `<stem>_examples.png` and
     `<stem>_visible.png` for another name). Main process only. Returns the report and the files written."""
     source = "shards" if manifest.has_masks else "template"
-    report = audit_report(variants, manifest.classes, setup.options, source)
+    report = audit_report(variants, manifest.classes, setup.options, source, setup.lung_focus)
     images, masks = first_sample(manifest, setup.split)
     visible = visible_region(model, manifest.image_size, setup.in_chans, setup.device, setup.lung_focus)
     paths = picture_paths(out)

@@ -210,6 +210,16 @@ def test_verdict_model_at_chance_is_inconclusive():
     assert not v["shortcut_suspected"] and v["line"].startswith("Inconclusive")
 
 
+def test_verdict_lung_mask_focus_model_is_not_testable_by_occlusion():
+    """A lung_focus = "mask" model sees a blank image with the lungs hidden or only the border visible:
+    chance there is automatic, so the verdict says the test cannot tell rather than "no shortcut"."""
+    hidden = _metrics(0.34, [0.3, 0.4], [1.0, 0.0, 0.0], specs=[0.0, 1.0, 1.0])
+    v = verdict(_variants(INTACT, hidden, hidden), CHANCE, ("A", "B", "C"), "template", lung_focus="mask")
+    assert not v["shortcut_suspected"] and v["line"].startswith("Not testable by occlusion")
+    plain = verdict(_variants(INTACT, hidden, hidden), CHANCE, ("A", "B", "C"), "template")
+    assert plain["line"].startswith("No shortcut found")
+
+
 # ----------------------------------------------------------------------------------------- bad input
 
 
