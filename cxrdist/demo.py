@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     clear_out(out, args.force)
     start = time.perf_counter()
     console.rule("1/3 synthetic radiographs")
-    generate(out / "synthetic", per_class=args.per_class, seed=cfg.run.seed)
+    generate(out / "synthetic", per_class=args.per_class, seed=cfg.run.seed, masks=True)  # audit: own masks
     console.rule("2/3 pack into WebDataset shards")
     pack(out / "synthetic", out / "shards", size=args.size, seed=cfg.run.seed, min_shards=4)
     console.rule("3/3 train recipes/demo.toml; test, calibrate and explain the best model")

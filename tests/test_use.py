@@ -368,10 +368,14 @@ def test_demo_end_to_end_tiny(tmp_path):
         assert (out / name).is_file(), name
     assert "macro avg" in res.stdout and "confusion_test.png" in res.stdout
     assert res.stdout.count("macro avg") == 1  # the test table, once
-    # Every path the demo lists exists, and the report comes last.
+    # Every path the demo lists exists; then the report, and last the audit's verdict (issue 18).
     listed = [line.split()[-1] for line in res.stdout.splitlines() if "demo" in line and ".png" in line]
     assert listed and all(Path(p).is_file() for p in listed), listed
-    assert res.stdout.strip().splitlines()[-1].endswith("run/report.html")
+    *_, report_line, verdict_line = res.stdout.strip().splitlines()
+    assert report_line.endswith("run/report.html")
+    audit = json.loads((out / "run" / "audit.json").read_text())
+    assert verdict_line == audit["verdict"]["line"]
+    assert audit["mask_source"] == "shards"  # the demo's synthetic set carries its lung masks
     res = run_module("cxrdist.demo", "--out", out, "--per-class", "24")
     assert res.returncode == 2 and "--force" in res.stderr and "Traceback" not in res.stderr
     (out / "thesis.txt").write_text("mine")
