@@ -277,9 +277,14 @@ def fill(disk: Path) -> Path:
 @pytest.mark.slow
 def test_a_full_disk_mid_training_is_one_line_keeps_metrics_whole_and_resume_works(cnn_shards, small_disk):
     run_dir = small_disk / "run"
-    sets = [*cnn_sets(run_dir, cnn_shards, 4), "--set", "run.keep_checkpoints=1"]
+    # A learning rate too small to change the accuracy: no new best/ after epoch 1, and rows of one size
+    # (about 1.2 kB), so the fourth row is the first that does not fit in the file's last 4 kB page: the
+    # one an append would tear when the disk is full.
+    sets = [*cnn_sets(run_dir, cnn_shards, 6), "--set", "run.keep_checkpoints=1"]
+    sets += ["--set", "optim.lr=1e-9", "--set", "train.best_metric=accuracy"]
     proc = start(*sets)
-    wait_for((run_dir / "checkpoints" / "epoch-0001").exists, proc=proc)
+    ckpts = run_dir / "checkpoints"
+    wait_for(lambda: (ckpts / "epoch-0003").exists() and not (ckpts / "epoch-0002").exists(), proc=proc)
     filler = fill(small_disk)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
@@ -291,7 +296,7 @@ def test_a_full_disk_mid_training_is_one_line_keeps_metrics_whole_and_resume_wor
     res = run_module("cxrdist.train", RECIPE, *sets, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_torn_last_metrics_line_of_an_older_run_is_dropped(tmp_path):
