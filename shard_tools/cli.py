@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from rich.console import Console
 from rich.markup import escape
 
-from shard_tools.errors import EXIT_FAILED, CxrdistError, Terminated, exit_code_for
+from shard_tools.errors import EXIT_FAILED, STARTUP_SIGTERM, CxrdistError, Terminated, exit_code_for
 
 
 def stdout_console() -> Console:
@@ -49,7 +49,7 @@ _sigterm_seen = threading.Event()
 
 def raise_if_terminated() -> None:
     """Raise `Terminated` if SIGTERM arrived within `sigterm_raises`, even if its exception was swallowed."""
-    if _sigterm_seen.is_set():
+    if _sigterm_seen.is_set() or STARTUP_SIGTERM:
         raise Terminated()
 
 
@@ -85,6 +85,7 @@ def run_main(
     every rank of a job runs passes one that names the rank (`cxrdist.cli.run_on_every_rank`)."""
     try:
         with sigterm_raises():
+            raise_if_terminated()  # a SIGTERM during the imports that a library swallowed
             return main(argv)
     except CxrdistError as e:
         say(e, e.label if label == "error" else label)

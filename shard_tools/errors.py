@@ -55,13 +55,21 @@ def exit_code_for(error: BaseException) -> int:
     return EXIT_FAILED
 
 
+STARTUP_SIGTERM: list[int] = []  # set by `one_line_stops_at_startup`'s handler
+
+
 def one_line_stops_at_startup() -> None:
     """For `python -m shard_tools.X` and `python -m cxrdist.X`, from the package's import on (its
     `__init__`): Ctrl-C or SIGTERM that lands while the command's modules still import (torch takes
     seconds) ends it with one line and 130 or 143, not a KeyboardInterrupt traceback or a silent death.
     Once `main` runs, `shard_tools.cli.run_main` handles both, and training its own stop flag."""
 
-    def on_sigterm(_signum, _frame):
+    def on_sigterm(signum, _frame):
+        if hasattr(sys.modules.get("__main__"), "main"):  # imports done; `main` ran or runs its own handler
+            signal.signal(signum, signal.SIG_DFL)  # e.g. in atexit after main returned: end as before
+            os.kill(os.getpid(), signum)
+            return
+        STARTUP_SIGTERM.append(signum)  # in case an import swallows the exception: `run_main` raises it again
         raise Terminated()
 
     signal.signal(signal.SIGTERM, on_sigterm)
