@@ -207,8 +207,8 @@ def verdict(
             "shortcut_suspected": False,
             "line": (
                 "Not testable by occlusion: this model sees only the template's lung fields (lung_focus = "
-                "mask), so with the lungs hidden or only the border visible it gets a blank image; a shortcut "
-                "can still come from inside those fields (markers, tubes, a child's smaller chest)."
+                "mask), so with the lungs hidden or only the border visible it gets a blank image; a "
+                "shortcut can still come from inside those fields (markers, tubes, a child's smaller chest)."
             ),
             "reasons": [],
         }
