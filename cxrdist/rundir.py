@@ -297,9 +297,11 @@ def release_run_dir(claim: RunDirClaim, failed: bool) -> None:
         if claim.lock is not None and claim.lock.created:
             claim.lock.release(remove=True)
         if claim.created is not None and claim.created.is_dir():
-            # A stop inside `acquire` leaves a lock file that `claim` does not hold yet: in a folder this
-            # start created, it can only be this start's.
-            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            if claim.lock is None and (run_dir / LOCK_FILE).exists():
+                # A stop inside `acquire` can leave the lock file unheld; one another start holds (it
+                # won the race to a folder both found missing) stays.
+                with contextlib.suppress(Busy, LockFailed):
+                    acquire(run_dir / LOCK_FILE, "clean-up").release(remove=True)
             # The folders this start created, from run.dir up to the top-most, while they are empty.
             folder = Path(os.path.abspath(run_dir))
             while True:
