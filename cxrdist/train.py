@@ -8,8 +8,10 @@
 Data path per step: uint8 batch from the shards (or the device cache) -> device -> augment + normalise on
 the device -> model under autocast -> loss. The pieces: `cxrdist.data` (batches), `cxrdist.augment`,
 `cxrdist.models`, `cxrdist.optim` (step maths), `cxrdist.checkpoint`, `cxrdist.rundir` (what run.dir holds),
-`cxrdist.distributed` (ranks agreeing and stopping together), `cxrdist.evaluate`. This module wires them
-into `train_one_epoch` and `train`, and is, with the CLIs, the only one that touches Accelerate's state.
+`cxrdist.distributed` (ranks agreeing and stopping together), `cxrdist.evaluate`, `cxrdist.trainrun` (the
+`Run` and scoring with its model), `cxrdist.outputs` (what is written once the last epoch has ended). This
+module wires them into `setup`, the loop (`train_one_epoch`, `fit`) and one call to the outputs step, and is,
+with the CLIs, the only one that touches Accelerate's state.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402 - after the environment variable it reads at load
 
-from cxrdist.artifacts import ArtifactError, export_model, model_meta, provenance  # noqa: E402
+from cxrdist.artifacts import provenance  # noqa: E402
 from cxrdist.augment import train_transform  # noqa: E402
 from cxrdist.checkpoint import (  # noqa: E402
     CHECKPOINTS,
@@ -55,17 +56,6 @@ from cxrdist.distributed import (  # noqa: E402
     all_ranks_ok,
     any_rank,
 )
-from cxrdist.evaluate import (  # noqa: E402
-    AUTOCAST_DTYPES,
-    MetricOptions,
-    ScoringSettings,
-    SplitScores,
-    evaluate_split,
-    full_metrics,
-    probabilities,
-    split_metrics,
-    write_plots,
-)
 from cxrdist.lungs import focus  # noqa: E402
 from cxrdist.models import check_input_size, create_model, input_channels  # noqa: E402
 from cxrdist.optim import (  # noqa: E402
@@ -79,19 +69,11 @@ from cxrdist.optim import (  # noqa: E402
     resolve_channels_last,
     scaled_lr,
 )
+from cxrdist.outputs import write_outputs  # noqa: E402
 from cxrdist.rng import derive_seed  # noqa: E402
 from cxrdist.rundir import (  # noqa: E402
-    AUDIT_FILE,
     BEST_DIR,
-    BEST_META,
-    CONFUSION_PNG,
-    CURVES_PNG,
-    EXPLAIN_SUMMARY,
-    GRADCAM_DIR,
     METRICS_FILE,
-    RELIABILITY_PNG,
-    ROC_PNG,
-    TEST_METRICS_FILE,
     RunDirClaim,
     append_metrics_row,
     check_same_data,
@@ -102,15 +84,19 @@ from cxrdist.rundir import (  # noqa: E402
     write_run_header,
 )
 from cxrdist.runtime import configure_device, keep_freed_memory, make_accelerator  # noqa: E402, F401
+from cxrdist.trainrun import (  # noqa: E402
+    Run,
+    TrainError,
+    check_data_unchanged,
+    export_best,
+    manifest_identity,
+    say,
+    validate,
+)
 from shard_tools.cli import raise_if_terminated, stdout_console  # noqa: E402
-from shard_tools.errors import EXIT_OK, CxrdistError, InputError  # noqa: E402
-from shard_tools.files import atomic_write_json, atomic_write_text  # noqa: E402
+from shard_tools.errors import EXIT_OK, InputError  # noqa: E402
+from shard_tools.files import atomic_write_text  # noqa: E402
 from shard_tools.schema import SPLITS  # noqa: E402
-
-
-class TrainError(CxrdistError):
-    """The run cannot continue (a non-finite loss, a failed export); the message says why and what to do."""
-
 
 # Host syncs (`.item()`, the stop-flag all-reduce) happen every this many optimizer steps and at the end of
 # an epoch, not every step: each one makes the host wait for the device, which then idles while the host
@@ -119,39 +105,6 @@ SYNC_EVERY = 10
 
 
 # ------------------------------------------------------------------------------------------ run setup
-
-
-@dataclass
-class Run:
-    """Everything the epoch loop needs, built once by `setup`."""
-
-    cfg: Config
-    accelerator: Any
-    manifest: Manifest
-    model: torch.nn.Module  # prepared (DDP / compiled) module used for training
-    raw_model: torch.nn.Module  # the plain module: evaluation and export
-    ema: torch.nn.Module | None
-    optimizer: torch.optim.Optimizer
-    weight: torch.Tensor | None
-    cache: DeviceCache | None  # the train split on the device (data.cache = "device"), else None
-    val_cache: DeviceCache | None  # the val split too, when both fit data.cache_max_gb
-    run_dir: Path
-    in_chans: int  # model.in_chans resolved (1 or 3)
-    channels_last: bool  # train.channels_last resolved for this device and model
-    steps: int  # micro-batches per epoch per rank
-    mixed_precision: str  # train.mixed_precision resolved for this device: "no", "bf16" or "fp16"
-    peak_lr: float  # optim.lr scaled to the global batch (cxrdist.optim.scaled_lr)
-    total_optimizer_steps: int
-    warmup_steps: int
-    stop: StopFlag
-    generator: torch.Generator  # augmentation draws, on the device; re-seeded every step
-    data_identity: str | None  # sha256 of the local manifest.json read at start (`check_data_unchanged`)
-
-
-def say(accelerator: Any, message: str) -> None:
-    """Print on the job's main process only (`accelerator.print` prints once per node)."""
-    if accelerator.is_main_process:
-        print(message, flush=True)
 
 
 def verify_shards(accelerator: Any, manifest: Manifest) -> None:
@@ -206,32 +159,6 @@ def check_data_fits(cfg: Config, manifest: Manifest, world: int, device: torch.d
             f"the input tensors alone need {input_bytes / 2**30:.1f} GiB, more than the "
             f"{memory / 2**30:.1f} GiB of {device}; lower it (use train.grad_accum_steps for a large "
             "effective batch)"
-        )
-
-
-def manifest_identity(manifest: Manifest) -> str | None:
-    """sha256 of a local manifest.json as it is now; None for a remote one (not watched)."""
-    import hashlib
-
-    location = Path(manifest.source)
-    if not location.is_file():
-        return None
-    try:
-        return hashlib.sha256(location.read_bytes()).hexdigest()
-    except OSError:
-        return "unreadable"
-
-
-def check_data_unchanged(run: Run, when: str) -> None:
-    """Stop, on every rank together, when the shards were replaced while this run read them (`pack --force`
-    into data.shards): the epoch may have mixed two datasets, and test images may have been trained on."""
-    acc = run.accelerator
-    changed = acc.is_main_process and manifest_identity(run.manifest) != run.data_identity
-    if not all_ranks_ok(acc, not changed):
-        raise DataError(
-            f"{run.manifest.source} changed while this run read its shards (replaced during {when}: two "
-            f"datasets may be mixed, test images may have been trained on). Nothing of {when} was recorded. "
-            "Restore the original shards and continue with --resume, or start a new run on the new ones."
         )
 
 
@@ -502,85 +429,6 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, progress: Any) -> d
     return {"train_loss": mean_loss, "images_per_s": images_seen / seconds, "epoch_seconds": seconds}
 
 
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-def eval_settings(run: Run, tta: bool = False) -> ScoringSettings:
-    """How the run scores a split: on its device, channels and precision, so that the numbers are the
-    model's as trained."""
-    cfg = run.cfg
-    return ScoringSettings(
-        device=run.accelerator.device,
-        batch_size=cfg.train.eval_batch_size or 2 * cfg.train.per_device_batch_size,
-        num_workers=cfg.data.num_workers,
-        in_chans=run.in_chans,
-        channels_last=run.channels_last,
-        autocast_dtype=AUTOCAST_DTYPES.get(run.mixed_precision),
-        tta_hflip=tta,
-        lung_focus=cfg.data.lung_focus,
-    )
-
-
-def best_meta(run: Run, epoch: int, val_metrics: dict) -> dict:
-    """best/meta.json for the evaluation model after `epoch` (layout: `cxrdist.artifacts.model_meta`)."""
-    training = {
-        "epoch": epoch,
-        "ema": run.ema is not None,
-        "best_metric": run.cfg.train.best_metric,
-        "val_metrics": val_metrics,
-    }
-    manifest = run.manifest
-    return model_meta(
-        run.cfg.model.name,
-        run.in_chans,
-        manifest.classes,
-        manifest.image_size,
-        training,
-        lung_focus=run.cfg.data.lung_focus,
-        mixed_precision=run.mixed_precision,  # eval_settings' autocast: evaluate's default
-    )
-
-
-def eval_model(run: Run) -> torch.nn.Module:
-    return run.ema if run.ema is not None else run.raw_model
-
-
-def score_split(run: Run, split: str, tta: bool = False) -> SplitScores:
-    """Per-sample scores of the evaluation model (EMA if enabled) on `split`; the same on every rank."""
-    acc = run.accelerator
-    return evaluate_split(
-        eval_model(run),
-        run.manifest,
-        split,
-        eval_settings(run, tta),
-        rank=acc.process_index,
-        world_size=acc.num_processes,
-        cache=run.val_cache if split == "val" else None,
-    )
-
-
-def validate(run: Run) -> dict:
-    """The per-epoch validation metrics (raw softmax, no intervals: cheap)."""
-    scores = score_split(run, "val")
-    return split_metrics(scores, run.manifest.classes, probabilities(scores))
-
-
-def export_best(run: Run, epoch: int, val: dict) -> dict[str, torch.Tensor]:
-    """Keep the evaluation model's weights as the best so far, and write best/ (main process); every rank
-    stops together if that fails."""
-    acc = run.accelerator
-    best_state = {k: v.detach().cpu().clone() for k, v in eval_model(run).state_dict().items()}
-    problem = ""
-    if acc.is_main_process:
-        try:
-            export_model(best_state, best_meta(run, epoch, val), run.run_dir / BEST_DIR)
-        except ArtifactError as e:
-            problem = str(e)
-    if not all_ranks_ok(acc, not problem):
-        raise TrainError(problem or "the main process could not write best/; see its message")
-    return best_state
-
-
 # ----------------------------------------------------------------------------------------------- train
 
 
@@ -605,7 +453,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
 
 
 def fit(run: Run, resume: bool) -> None:
-    """The epochs, then the test split with the best weights."""
+    """The epochs, then the outputs step with the best weights (`cxrdist.outputs.write_outputs`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     cfg, acc = run.cfg, run.accelerator
@@ -688,30 +536,7 @@ def fit(run: Run, resume: bool) -> None:
                 say(acc, f"early stop: no {metric_name} improvement for {state.bad_epochs} epochs")
                 break
 
-    # Calibrate and test the best weights, identically on every rank.
-    if best_state is not None:
-        eval_model(run).load_state_dict(best_state)
-    temperature = calibrate(run) if cfg.eval.calibrate and state.best_epoch else None
-    test = score_split(run, "test", tta=cfg.eval.tta)
-    check_data_unchanged(run, "the test evaluation")
-    audit = score_audit(run)
-    if acc.is_main_process:
-        finish_outputs(run, state, test, temperature, audit)
-
-
-def score_audit(run: Run) -> dict[str, SplitScores]:
-    """The test split under the shortcut audit's occlusions (`cxrdist.audit`), the same on every rank."""
-    from cxrdist.audit import score_variants
-
-    acc = run.accelerator
-    return score_variants(
-        eval_model(run),
-        run.manifest,
-        "test",
-        eval_settings(run),
-        rank=acc.process_index,
-        world_size=acc.num_processes,
-    )
+    write_outputs(run, state, best_state)
 
 
 def write_metrics_row(run: Run, rows: list[dict], row: dict) -> None:
@@ -729,118 +554,6 @@ def write_metrics_row(run: Run, rows: list[dict], row: dict) -> None:
             )
     if not all_ranks_ok(acc, not problem):
         raise TrainError(problem or "the main process could not write metrics.jsonl; see its message")
-
-
-def calibrate(run: Run) -> float:
-    """Fit one temperature on the validation split (the best weights) and keep it in best/meta.json, where
-    evaluate, predict and the ONNX export apply it. Same value on every rank; the main process writes."""
-    from cxrdist.stats.calibration import fit_temperature, negative_log_likelihood
-
-    scores = score_split(run, "val")
-    temperature = fit_temperature(scores.logits, scores.labels)
-    if run.accelerator.is_main_process:
-        meta_path = run.run_dir / BEST_META
-        meta = json.loads(meta_path.read_text())
-        meta["calibration"] = {
-            "temperature": temperature,
-            "fitted_on": "val",
-            "method": "temperature scaling: one T > 0 minimising the NLL of softmax(logits / T)",
-            "val_nll_before": negative_log_likelihood(scores.logits, scores.labels),
-            "val_nll_after": negative_log_likelihood(scores.logits, scores.labels, temperature),
-        }
-        atomic_write_json(meta_path, meta)
-    say(run.accelerator, f"calibration: temperature {temperature:.3f} fitted on the validation split")
-    return temperature
-
-
-def finish_outputs(
-    run: Run, state: TrainState, test: SplitScores, temperature: float | None, audit: dict[str, SplitScores]
-) -> None:
-    """test_metrics.json, plots, the Grad-CAM grid, the shortcut audit and report.html; print the result
-    table and every file written, the report last, then the audit's verdict. Main process only."""
-    from cxrdist.plots import plot_curves
-    from cxrdist.tables import print_metrics_table
-
-    cfg, classes, run_dir = run.cfg, run.manifest.classes, run.run_dir
-    options = MetricOptions(
-        temperature=temperature, tta=cfg.eval.tta, resamples=cfg.eval.bootstrap_resamples, seed=cfg.run.seed
-    )
-    metrics = full_metrics(test, classes, options)
-    out = {**metrics, "best_epoch": state.best_epoch, "split": "test", "provenance": provenance()}
-    out["precision"] = {"mixed_precision": run.mixed_precision}  # as evaluate writes it
-    atomic_write_json(run_dir / TEST_METRICS_FILE, out)
-    title = f"test, best epoch {state.best_epoch}"
-    plots = {
-        "confusion": run_dir / CONFUSION_PNG,
-        "roc": run_dir / ROC_PNG,
-        "reliability": run_dir / RELIABILITY_PNG,
-    }
-    written = [
-        run_dir / TEST_METRICS_FILE,
-        *write_plots(metrics, test, options, classes, plots, title),
-        plot_curves(read_metrics_rows(run_dir), run_dir / CURVES_PNG),
-    ]
-    console = stdout_console()
-    print_metrics_table(metrics, classes, console, title=f"test split (best epoch {state.best_epoch})")
-    if cfg.eval.gradcam_per_class and state.best_epoch:
-        written.append(gradcam(run))
-    verdict, audit_files = write_audit(run, audit, temperature)
-    written += audit_files
-    written.append(write_report(run_dir))
-    console.print(f"run directory: {run_dir}")
-    for path in written:
-        console.print(f"  {path}", highlight=False)
-    console.print(verdict, highlight=False)
-
-
-def write_audit(run: Run, audit: dict[str, SplitScores], temperature: float | None) -> tuple[str, list[Path]]:
-    """audit.json and its pictures (`cxrdist.audit`); returns the verdict's line and the files written."""
-    from cxrdist.audit import AuditOptions, AuditSetup, finish_audit
-
-    cfg, run_dir = run.cfg, run.run_dir
-    summary = run_dir / GRADCAM_DIR / EXPLAIN_SUMMARY
-    setup = AuditSetup(
-        split="test",
-        options=AuditOptions(temperature, cfg.eval.bootstrap_resamples, cfg.run.seed),
-        in_chans=run.in_chans,
-        device=run.accelerator.device,
-        lung_focus=cfg.data.lung_focus,
-        gradcam_summary=summary if summary.exists() else None,
-        provenance={
-            "model": str(run_dir / BEST_DIR),
-            "shards": run.manifest.source,
-            "mixed_precision": run.mixed_precision,
-        },
-    )
-    report, written = finish_audit(audit, eval_model(run), run.manifest, run_dir / AUDIT_FILE, setup)
-    return report["verdict"]["line"], written
-
-
-def gradcam(run: Run) -> Path:
-    """The Grad-CAM grid of test images per class, and its summary (run.dir/gradcam/)."""
-    from cxrdist.artifacts import load_trained_model
-    from cxrdist.explain import explain_shards
-
-    out = run.run_dir / GRADCAM_DIR
-    model, meta = load_trained_model(run.run_dir, run.accelerator.device)
-    summary = explain_shards(
-        model, meta, run.manifest.source, out, run.cfg.eval.gradcam_per_class, "test", run.accelerator.device
-    )
-    atomic_write_json(out / EXPLAIN_SUMMARY, {"model": str(run.run_dir / BEST_DIR), "shards": summary})
-    return Path(summary["grid"])
-
-
-def write_report(run_dir: Path) -> Path:
-    """report.html; a failure says that every result is written and how to build the page again."""
-    from cxrdist.report import write_report as write
-
-    try:
-        return write(run_dir)
-    except (CxrdistError, OSError) as e:
-        raise TrainError(
-            f"the run's results are written, but not report.html ({e}); build it with "
-            f"`python -m cxrdist.report {run_dir}` once the problem is fixed"
-        ) from None
 
 
 # ------------------------------------------------------------------------------------------------- CLI

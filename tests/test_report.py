@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrdist import train
+from cxrdist import outputs
 from cxrdist.artifacts import model_meta, provenance
 from cxrdist.calibration import fit_temperature
 from cxrdist.config import load_config
@@ -57,7 +57,7 @@ def fake_outputs(k: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def run_metrics(
     classes=CLASSES, n: int = 240, seed: int = 0, *, extras: bool = True, tta: bool = False, subgroups=None
 ) -> dict:
-    """test_metrics.json as train.finish_outputs writes it: `evaluate.full_metrics` of fake scores, with a
+    """test_metrics.json as outputs.finish_outputs writes it: `evaluate.full_metrics` of fake scores, with a
     temperature fitted on a fake validation split (intervals, calibration, operating points, and with
     `tta` / `subgroups` their parts), plus best_epoch, split and provenance. `extras=False`: an older
     run's plain `split_metrics`. `subgroups`: sample index -> subgroup name."""
@@ -116,7 +116,7 @@ def config_text(model: str = "resnet18", extra_comment: str = "") -> str:
 
 
 def write_model_meta(root: Path, classes, seed: int = 0, n: int = 240) -> None:
-    """best/meta.json as training writes it: `cxrdist.artifacts.model_meta`, then `cxrdist.train.calibrate`
+    """best/meta.json as training writes it: `cxrdist.artifacts.model_meta`, then `cxrdist.outputs.calibrate`
     on the fake validation scores that `run_metrics` fits its temperature on (so the temperatures agree)."""
     training = {"epoch": 3, "ema": False, "best_metric": "accuracy", "val_metrics": {"accuracy": 0.8}}
     (root / "best").mkdir(parents=True, exist_ok=True)
@@ -125,8 +125,8 @@ def write_model_meta(root: Path, classes, seed: int = 0, n: int = 240) -> None:
     run = SimpleNamespace(run_dir=root, accelerator=SimpleNamespace(is_main_process=True))
     logits, labels = fake_outputs(len(classes), n, seed + 1)
     val = SplitScores(tuple(map(str, range(n))), labels, logits.astype(np.float32))
-    with mock.patch.object(train, "score_split", lambda run, split: val):
-        train.calibrate(run)
+    with mock.patch.object(outputs, "score_split", lambda run, split: val):
+        outputs.calibrate(run)
 
 
 def metrics_rows(classes=CLASSES, epochs: int = 6) -> list[dict]:
