@@ -181,6 +181,25 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_one_blocks_noth
 
 
 @pytest.mark.slow
+def test_two_trainings_started_together_into_a_new_run_dir_never_mix(cnn_shards, tmp_path):
+    run_dir = tmp_path / "new" / "run"
+    jobs = [start(*cnn_sets(run_dir, cnn_shards, 3)) for _ in range(2)]
+    loser = None
+    while loser is None:  # the refused one ends first, within seconds
+        loser = next((job for job in jobs if job.poll() is not None), None)
+        time.sleep(0.05)
+    winner = jobs[1 - jobs.index(loser)]
+    _, err = loser.communicate()
+    assert loser.returncode == 2 and f"(pid {winner.pid} on " in one_line(err)
+    if winner.poll() is None:  # the loser, which also found the folder missing, left the winner's lock alone
+        with pytest.raises(Busy):
+            acquire(run_dir / LOCK_FILE, "test")
+    out, err = winner.communicate(timeout=300)
+    assert winner.returncode == 0, err[-3000:]
+    assert [json.loads(r)["epoch"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
 def test_every_rank_agrees_on_a_held_run_dir(cnn_shards, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
