@@ -1,8 +1,8 @@
 """The outputs step: what a training run writes once its last epoch has ended (`write_outputs`).
 
-Runs on every rank, after `cxrdist.train.fit`'s loop, with the best weights loaded into the evaluation model:
-the collective part (calibration on val, the test split, the shortcut audit's occluded test variants) runs
-identically on every rank; only the main process writes. Into run.dir (names in `cxrdist.rundir`):
+Every rank calls it after `cxrdist.train.fit`'s loop; it loads the best weights into the evaluation model,
+and the collective part (calibration on val, the test split, the shortcut audit's occluded test variants)
+runs identically on every rank; only the main process writes. Into run.dir (names in `cxrdist.rundir`):
 best/meta.json gains its "calibration" (eval.calibrate, when an epoch was best); test_metrics.json; the
 confusion, ROC, reliability and training-curve plots; gradcam/ with its summary (eval.gradcam_per_class);
 audit.json and its pictures (`cxrdist.audit`); report.html last, built from all of these. The terminal gets
