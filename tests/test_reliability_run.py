@@ -404,7 +404,8 @@ def test_a_stop_while_a_command_still_imports_is_one_line(module, sig, code):
         text=True,
         start_new_session=True,  # its own process group, signalled whole as a terminal or scancel does
     )
-    time.sleep(0.5)  # inside `import torch` (seconds)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    wait_for(lambda: "libtorch" in maps.read_text(), timeout=60, proc=proc)  # inside `import torch`
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err[-3000:]
