@@ -130,8 +130,8 @@ def verify_shards(accelerator: Any, manifest: Manifest) -> None:
 
 def check_data_fits(cfg: Config, manifest: Manifest, world: int, device: torch.device) -> None:
     """Refuse at start what would otherwise fail an epoch or more later: a split without images (no best
-    epoch can be chosen without val, nothing reported without test), or a per-device batch that is larger
-    than the train split or whose input tensors alone exceed the device's memory."""
+    epoch can be chosen without val, nothing reported without test), or a per-device batch whose input
+    tensors alone exceed the device's memory."""
     empty = [split for split in SPLITS if manifest.count(split) == 0]
     if empty:
         raise InputError(
@@ -140,12 +140,9 @@ def check_data_fits(cfg: Config, manifest: Manifest, world: int, device: torch.d
             "report on. Pack again with a --split that gives every split images (e.g. 0.8,0.1,0.1), or "
             "with more images per class or group."
         )
-    batch, train_images = cfg.train.per_device_batch_size, manifest.count("train")
-    if batch > train_images:
-        raise InputError(
-            f"train.per_device_batch_size {batch} is larger than the whole train split ({train_images} "
-            f"images in {manifest.source}); choose at most {train_images}"
-        )
+    # A batch larger than the train split is allowed (one partial batch an epoch: small smoke runs use
+    # recipe defaults), but the device cache draws a sample order as long as the batch asked for.
+    batch = cfg.train.per_device_batch_size
     eval_batch = cfg.train.eval_batch_size or 2 * batch
     # uint8 on the host, float32 on the device per channel: a lower bound, before any activation.
     input_bytes = max(batch, eval_batch) * manifest.image_size**2 * (1 + 4 * 3)
@@ -157,8 +154,8 @@ def check_data_fits(cfg: Config, manifest: Manifest, world: int, device: torch.d
         raise InputError(
             f"train.per_device_batch_size {batch} (eval batch {eval_batch}) at {manifest.image_size} px: "
             f"the input tensors alone need {input_bytes / 2**30:.1f} GiB, more than the "
-            f"{memory / 2**30:.1f} GiB of {device}; lower it (use train.grad_accum_steps for a large "
-            "effective batch)"
+            f"{memory / 2**30:.1f} GiB of {device} (the train split holds {manifest.count('train')} images); "
+            "lower it (use train.grad_accum_steps for a large effective batch)"
         )
 
 
