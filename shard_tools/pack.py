@@ -49,14 +49,11 @@ extracting or listing. Each sample's `.json` then records its `group` (and, from
 from __future__ import annotations
 
 import argparse
-import io
-import itertools
 import json
 import math
 import os
 import shlex
 import sys
-import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,7 +79,6 @@ from shard_tools.errors import CxrdistError, InputError
 from shard_tools.groups import (
     SHEET_SUFFIX,
     GroupTable,
-    join_groups,
     missing_error,
     missing_images,
     read_groups,
@@ -104,6 +100,7 @@ from shard_tools.schema import (
     normalize_class_name,
     shard_name,
 )
+from shard_tools.shards import sample_tar_bytes, shard_counts, tar_bytes, write_shard
 from shard_tools.sources import (
     Source,
     Tree,
@@ -116,14 +113,12 @@ from shard_tools.sources import (
     read_file,
     read_image_bytes,
 )
-from shard_tools.splits import assign_group_splits, assign_splits, share_table
-from shard_tools.verify import sha256_file, summary_table
+from shard_tools.splits import plan_splits, share_table
+from shard_tools.verify import summary_table
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
 # A lung mask's aspect ratio may differ from its image's by this share (rounding of a resized copy).
 MASK_ASPECT_TOLERANCE = 0.02
-_TAR_BLOCK = tarfile.BLOCKSIZE  # 512
-_TAR_RECORD = tarfile.RECORDSIZE  # a tar file is padded to a multiple of this
 
 _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)
@@ -416,10 +411,6 @@ def _decode(job: tuple[str, str, str, int, str, str]) -> tuple[str, Any]:
 # ------------------------------------------------------------------------------------------------ write
 
 
-def _padded(n: int) -> int:
-    return -(-n // _TAR_BLOCK) * _TAR_BLOCK
-
-
 def _sample_record(src: Source, packed: Packed, table: GroupTable | None = None) -> tuple[bytes, bytes]:
     """The sample's `.cls` and `.json` members (see `shard_tools.schema`); `table`: the groups, if any."""
     record = {
@@ -437,37 +428,6 @@ def _sample_record(src: Source, packed: Packed, table: GroupTable | None = None)
     return str(src.label).encode("ascii"), meta
 
 
-def _sample_tar_bytes(cls: bytes, meta: bytes, png_length: int, mask_length: int = 0) -> int:
-    """Bytes the sample takes in a tar: a header block per member plus its data padded to blocks."""
-    mask = _TAR_BLOCK + _padded(mask_length) if mask_length else 0
-    return 3 * _TAR_BLOCK + _padded(len(cls)) + _padded(len(meta)) + _padded(png_length) + mask
-
-
-def _tar_bytes(sample_bytes: Sequence[int]) -> int:
-    # Two zero blocks end the archive; tarfile then pads the file to a whole record.
-    return -(-(sum(sample_bytes) + 2 * _TAR_BLOCK) // _TAR_RECORD) * _TAR_RECORD
-
-
-def shard_counts(
-    sample_bytes: Sequence[int], shard_size: int, max_shard_bytes: int, min_shards: int
-) -> list[int]:
-    """Samples per shard for one split (in order): as few shards as `shard_size`, the byte cap and
-    `min_shards` allow, never more shards than samples, sizes differing by at most one sample."""
-    n = len(sample_bytes)
-    if n == 0:
-        return []
-    k = max(math.ceil(n / shard_size), math.ceil(_tar_bytes(sample_bytes) / max_shard_bytes), min_shards)
-    k = min(k, n)
-    while True:
-        counts = [n // k + (1 if i < n % k else 0) for i in range(k)]
-        starts = np.cumsum([0, *counts])
-        if k == n or all(
-            _tar_bytes(sample_bytes[a:b]) <= max_shard_bytes for a, b in itertools.pairwise(starts)
-        ):
-            return counts
-        k += 1
-
-
 def _write_shard_job(job: tuple[str, str, list[tuple[str, bytes, bytes, int, int, int]]]) -> tuple[int, str]:
     """Worker: write one shard from (key, cls, json, PNG offset, PNG length, mask PNG length) records and
     the spill file (the mask's PNG, if any, right after the image's)."""
@@ -480,19 +440,6 @@ def _write_shard_job(job: tuple[str, str, list[tuple[str, bytes, bytes, int, int
             mask = [(f"{key}.{MASK_EXT}", spill.read(mask_length))] if mask_length else []
             members += [(f"{key}.cls", cls), (f"{key}.json", meta), *mask, (f"{key}.png", png)]
     return write_shard(Path(path), members)
-
-
-def write_shard(path: Path, members: Sequence[tuple[str, bytes]]) -> tuple[int, str]:
-    """Write a tar of (name, data) members in the given order, with no timestamps or owners (so the
-    bytes depend on the content only); return its size and sha256."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    return path.stat().st_size, sha256_file(path)
 
 
 # ------------------------------------------------------------------------------------------------- pack
@@ -597,7 +544,8 @@ def _pack_into(
         if not kept:
             raise PackError(f"no image in {inputs.tree.describe()} could be read ({len(skipped)} skipped)")
         image_size = _common_size(kept, packed, opts.size)
-        plan = _plan_splits(kept, packed, opts, inputs.groups)
+        labels, rels = [s.label for s in kept], [s.rel for s in kept]
+        plan = plan_splits(labels, rels, [p.pixel_sha256 for p in packed], opts, inputs.groups)
         splits = _write_splits(tmp, kept, packed, plan.split_of, spill, opts, pool, bar, inputs.groups)
     spill.unlink()
     _report_duplicates(plan.duplicates, opts.duplicates)
@@ -648,80 +596,6 @@ def _decode_to_spill(
     return kept, packed, failed
 
 
-@dataclass
-class SplitPlan:
-    """Where each written sample goes, and what the manifest records about duplicates and groups."""
-
-    split_of: dict[int, int]  # index into `kept` -> split index; dropped duplicates have none
-    duplicates: list[dict[str, Any]]  # the manifest's `duplicates`
-    group_names: list[list[str]] | None = None  # --groups: the CSV's group names in each split
-    groups_summary: dict[str, Any] | None = None  # --groups: the manifest's top-level `groups`
-
-
-def _plan_splits(
-    kept: list[Source], packed: list[Packed], opts: PackOptions, table: GroupTable | None
-) -> SplitPlan:
-    """Split each sample: stratified per class, identical images together, and with --groups every group
-    (joined with its duplicates) whole inside one split."""
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, p in enumerate(packed):
-        by_hash[p.pixel_sha256].append(i)
-    dup_sets = [g for g in by_hash.values() if len(g) > 1]
-    dropped = {i for g in dup_sets for i in g[1:]} if opts.duplicates == "drop" else set()
-    live = [i for i in range(len(kept)) if i not in dropped]
-    plan = SplitPlan({}, [])
-    if table is None:
-        split = assign_splits(
-            [kept[i].label for i in live],
-            [by_hash[packed[i].pixel_sha256][0] for i in live],
-            opts.classes,
-            opts.split,
-            opts.seed,
-        )
-        plan.split_of = dict(zip(live, split))
-    else:
-        # Dropped duplicates still join groups: their pixels live on in the copy that is kept.
-        names = [table.groups.get(s.rel) for s in kept]
-        component = join_groups(names, dup_sets)
-        split = assign_group_splits(
-            [kept[i].label for i in live],
-            [component[i] for i in live],
-            len(opts.classes),
-            opts.split,
-            opts.seed,
-        )
-        plan.split_of = dict(zip(live, split))
-        split_of_component = {component[i]: s for i, s in plan.split_of.items()}
-        in_split: list[set[str]] = [set(), set(), set()]
-        names_of: dict[int, set[str]] = defaultdict(set)
-        for i, name in enumerate(names):
-            if name is not None:
-                in_split[split_of_component[component[i]]].add(name)
-                names_of[component[i]].add(name)
-        plan.group_names = [sorted(s) for s in in_split]
-        plan.groups_summary = {
-            # Sheets: the folder (or zip folder) holding them, as `tree.describe` gives it, absolute.
-            "file": table.file if table.sheets else str(Path(table.file).resolve()),
-            "sha256": table.sha256,
-            "ungrouped": opts.ungrouped or "error",
-            "own_groups": sum(name is None for name in names),
-            "joined_by_duplicates": sorted(sorted(n) for n in names_of.values() if len(n) > 1),
-        }
-        if table.sheets:
-            plan.groups_summary["sheets"] = list(table.sheets)
-    for g in dup_sets:
-        record = {
-            "pixel_sha256": packed[g[0]].pixel_sha256,
-            "paths": sorted(kept[i].rel for i in g),
-            "split": SPLITS[plan.split_of[g[0]]],
-        }
-        if opts.duplicates == "drop":
-            record["dropped"] = sorted(kept[i].rel for i in g[1:])
-        plan.duplicates.append(record)
-    plan.duplicates.sort(key=lambda r: r["paths"][0])
-    return plan
-
-
 def _write_splits(
     tmp: Path,
     kept: list[Source],
@@ -751,7 +625,7 @@ def _write_splits(
             )
             for i in idx
         ]
-        sizes = [_sample_tar_bytes(cls, meta, n, n_mask) for _, cls, meta, _, n, n_mask in records]
+        sizes = [sample_tar_bytes(cls, meta, n, n_mask) for _, cls, meta, _, n, n_mask in records]
         _check_sample_sizes(idx, sizes, kept, opts.max_shard_bytes)
         min_shards = opts.min_shards if split_name == "train" else 1
         counts = shard_counts(sizes, opts.shard_size, opts.max_shard_bytes, min_shards)
@@ -859,7 +733,7 @@ def _common_size(kept: list[Source], packed: list[Packed], size: int) -> int:
 
 def _check_sample_sizes(idx: list[int], sizes: list[int], kept: list[Source], max_shard_bytes: int) -> None:
     for i, n in zip(idx, sizes):
-        if _tar_bytes([n]) > max_shard_bytes:
+        if tar_bytes([n]) > max_shard_bytes:
             raise PackError(
                 f"{kept[i].rel} alone takes {n} bytes in a shard, more than the cap of {max_shard_bytes}; "
                 "raise --max-shard-mb or lower --size"

@@ -11,6 +11,10 @@ Items are the images pack writes, in a deterministic order (sorted by label, the
   targets; a split whose fraction is 0 gets nothing. With many small groups the shares come out within
   about a group's size of the targets; a few large groups can move them further, and `share_table` shows
   by how much.
+
+`plan_splits` applies them to pack's samples: it finds the sets of identical images, drops all but one of
+each with ``--duplicates drop``, and returns each sample's split with what the manifest records about
+duplicates and groups.
 """
 
 from __future__ import annotations
@@ -19,13 +23,19 @@ import math
 import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from shard_tools.groups import GroupTable, join_groups
 from shard_tools.schema import SPLITS
+
+if TYPE_CHECKING:
+    from shard_tools.pack import PackOptions
 
 
 def split_sizes(n: int, fractions: Sequence[float] = (0.7, 0.15, 0.15)) -> tuple[int, int, int]:
@@ -165,3 +175,83 @@ def share_table(manifest: Mapping[str, Any]) -> Table:
     )
     table.caption_justify = "left"
     return table
+
+
+@dataclass
+class SplitPlan:
+    """Where each written sample goes, and what the manifest records about duplicates and groups."""
+
+    split_of: dict[int, int]  # item -> split index; dropped duplicates have none
+    duplicates: list[dict[str, Any]]  # the manifest's `duplicates`
+    group_names: list[list[str]] | None = None  # --groups: the CSV's group names in each split
+    groups_summary: dict[str, Any] | None = None  # --groups: the manifest's top-level `groups`
+
+
+def plan_splits(
+    labels: Sequence[int],
+    rels: Sequence[str],
+    pixel_sha256: Sequence[str],
+    opts: PackOptions,
+    table: GroupTable | None,
+) -> SplitPlan:
+    """Split each of pack's samples (item i: its label id, its path relative to the root and its pixels'
+    sha256): stratified per class, identical images together, and with groups every group (joined with
+    its duplicates) whole inside one split. `opts`: pack's options (`classes`, `split`, `seed`,
+    `duplicates`, `ungrouped`); `table`: the groups, if any."""
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, h in enumerate(pixel_sha256):
+        by_hash[h].append(i)
+    dup_sets = [g for g in by_hash.values() if len(g) > 1]
+    dropped = {i for g in dup_sets for i in g[1:]} if opts.duplicates == "drop" else set()
+    live = [i for i in range(len(labels)) if i not in dropped]
+    plan = SplitPlan({}, [])
+    if table is None:
+        split = assign_splits(
+            [labels[i] for i in live],
+            [by_hash[pixel_sha256[i]][0] for i in live],
+            opts.classes,
+            opts.split,
+            opts.seed,
+        )
+        plan.split_of = dict(zip(live, split))
+    else:
+        # Dropped duplicates still join groups: their pixels live on in the copy that is kept.
+        names = [table.groups.get(rel) for rel in rels]
+        component = join_groups(names, dup_sets)
+        split = assign_group_splits(
+            [labels[i] for i in live],
+            [component[i] for i in live],
+            len(opts.classes),
+            opts.split,
+            opts.seed,
+        )
+        plan.split_of = dict(zip(live, split))
+        split_of_component = {component[i]: s for i, s in plan.split_of.items()}
+        in_split: list[set[str]] = [set(), set(), set()]
+        names_of: dict[int, set[str]] = defaultdict(set)
+        for i, name in enumerate(names):
+            if name is not None:
+                in_split[split_of_component[component[i]]].add(name)
+                names_of[component[i]].add(name)
+        plan.group_names = [sorted(s) for s in in_split]
+        plan.groups_summary = {
+            # Sheets: the folder (or zip folder) holding them, as `tree.describe` gives it, absolute.
+            "file": table.file if table.sheets else str(Path(table.file).resolve()),
+            "sha256": table.sha256,
+            "ungrouped": opts.ungrouped or "error",
+            "own_groups": sum(name is None for name in names),
+            "joined_by_duplicates": sorted(sorted(n) for n in names_of.values() if len(n) > 1),
+        }
+        if table.sheets:
+            plan.groups_summary["sheets"] = list(table.sheets)
+    for g in dup_sets:
+        record = {
+            "pixel_sha256": pixel_sha256[g[0]],
+            "paths": sorted(rels[i] for i in g),
+            "split": SPLITS[plan.split_of[g[0]]],
+        }
+        if opts.duplicates == "drop":
+            record["dropped"] = sorted(rels[i] for i in g[1:])
+        plan.duplicates.append(record)
+    plan.duplicates.sort(key=lambda r: r["paths"][0])
+    return plan

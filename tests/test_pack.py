@@ -26,6 +26,7 @@ from shard_tools.cli import run_main
 from shard_tools.errors import InputError
 from shard_tools.pack import PackError, TooManySkipped, main, pack, shard_counts
 from shard_tools.schema import CLASSES, MANIFEST_NAME, SPLITS
+from shard_tools.shards import tar_bytes
 from shard_tools.sources import assign_keys
 from shard_tools.splits import split_sizes
 from shard_tools.verify import verify
@@ -97,7 +98,7 @@ def test_shard_counts_balance_and_respect_both_caps():
     counts = shard_counts([1000] * 100, shard_size=1000, max_shard_bytes=20_480, min_shards=1)
     assert max(counts) - min(counts) <= 1 and sum(counts) == 100
     starts = np.cumsum([0, *counts])
-    assert all(pack_mod._tar_bytes([1000] * (b - a)) <= 20_480 for a, b in itertools.pairwise(starts))
+    assert all(tar_bytes([1000] * (b - a)) <= 20_480 for a, b in itertools.pairwise(starts))
     assert shard_counts([], 10, 10**9, 16) == []
 
 
