@@ -39,6 +39,11 @@ class InputError(CxrdistError):
     exit_code = EXIT_USAGE
 
 
+class PackError(InputError):
+    """`shard_tools.pack`: the input or the options cannot give a valid dataset; the message says what to
+    change (exit 2). Raised by every stage of pack (`inputs`, `decode`, `write`), so it lives here."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread by `shard_tools.cli.sigterm_raises` (a BaseException, like
     KeyboardInterrupt, so that `except Exception` clean-up code does not swallow it)."""

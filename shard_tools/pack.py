@@ -5,6 +5,11 @@
         [--duplicates group|drop] [--groups FILE.csv | --groups-from-sheets [--ungrouped error|own-group]]
         [--no-masks] [--force] [--no-progress]
 
+The pipeline, stage by stage: `shard_tools.inputs` lists SRC and matches groups and masks to its images,
+`shard_tools.decode` decodes them into a spill file on worker processes, `splits.plan_splits` assigns
+splits, `shard_tools.write` copies the images into shards; this module holds the options (`PackOptions`),
+runs the stages (`pack`) and is the command line.
+
 Input (`shard_tools.sources`): SRC is a folder holding one folder per class, in either of the database's
 layouts, `SRC/<Class>/*.png` or `SRC/<Class>/images/*.png` (lung masks in `<Class>/masks/`); or the zip Kaggle
 serves (`covid19-radiography-database.zip`), read in place, with the class folders at its top level or
@@ -52,16 +57,12 @@ import argparse
 import json
 import math
 import os
-import shlex
 import sys
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -73,87 +74,32 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from shard_tools import __version__, images
+from shard_tools import __version__
 from shard_tools.cli import non_negative_int, positive_int, run_main
-from shard_tools.errors import CxrdistError, InputError
-from shard_tools.groups import (
-    SHEET_SUFFIX,
-    GroupTable,
-    missing_error,
-    missing_images,
-    read_groups,
-    read_sheets,
-    unmatched_warning,
-)
-from shard_tools.images import IMAGE_SUFFIXES
+from shard_tools.decode import Packed, decode_to_spill
+from shard_tools.errors import CxrdistError
+from shard_tools.errors import PackError as PackError  # re-exported: tests and callers catch pack.PackError
+from shard_tools.inputs import Inputs, check_overlap, not_shards, parse_classes, read_inputs
 from shard_tools.locks import output_lock
 from shard_tools.outdir import staged_out
-from shard_tools.pool import WorkerPool, ordered_map, process_pool
-from shard_tools.schema import (
-    CLASSES,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    MASK_EXT,
-    SHARD_FILE,
-    SPLITS,
-    UNGROUPED_CHOICES,
-    normalize_class_name,
-    shard_name,
-)
-from shard_tools.shards import sample_tar_bytes, shard_counts, tar_bytes, write_shard
-from shard_tools.sources import (
-    Source,
-    Tree,
-    close_archives,
-    find_class_dirs,
-    find_masks,
-    find_sheets,
-    list_sources,
-    open_tree,
-    read_file,
-    read_image_bytes,
-)
+from shard_tools.pool import process_pool
+from shard_tools.schema import CLASSES, FORMAT_VERSION, MANIFEST_NAME, SPLITS, UNGROUPED_CHOICES
+from shard_tools.shards import shard_counts as shard_counts  # re-exported for callers of pack's old API
+from shard_tools.shards import write_shard as write_shard
+from shard_tools.sources import Source, close_archives
 from shard_tools.splits import plan_splits, share_table
 from shard_tools.verify import summary_table
+from shard_tools.write import write_splits
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
-# A lung mask's aspect ratio may differ from its image's by this share (rounding of a resized copy).
-MASK_ASPECT_TOLERANCE = 0.02
 
 _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)
 
 
-class PackError(InputError):
-    """The input or the options cannot give a valid dataset; the message says what to change (exit 2)."""
-
-
 class TooManySkipped(CxrdistError):
     """More of SRC's files could not be used than --max-skipped allows: the run failed (exit 1, as for
     every unreadable image in the README's table), naming the first few."""
-
-
-@dataclass(frozen=True)
-class Packed:
-    """One decoded image, its PNG stored in the spill file at [offset, offset + length)."""
-
-    offset: int
-    length: int
-    pixel_sha256: str
-    orig_size: tuple[int, int]  # (width, height) of the source image
-    shape: tuple[int, int]  # (height, width) as stored
-    mask_length: int = 0  # its lung mask's PNG follows the image's in the spill file; 0: no mask
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What pack found in SRC before decoding anything."""
-
-    tree: Tree
-    sources: list[Source]  # sorted by (label, path), unique keys
-    skipped: list[dict[str, str]]  # non-image files in the class folders
-    groups: GroupTable | None  # --groups, matched to `sources`
-    masks: bool = False  # every source has a lung mask (`Source.mask_rel`), and they are to be stored
 
 
 @dataclass(frozen=True)
@@ -208,238 +154,6 @@ class PackOptions:
 
 # Every default of pack, written once: `pack`'s keywords and the command line's defaults read it.
 DEFAULTS = PackOptions()
-
-
-# ------------------------------------------------------------------------------------------------ input
-
-
-def _parse_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
-    if classes is None:
-        return CLASSES
-    canonical = {normalize_class_name(c): c for c in CLASSES}
-    # The database's own classes keep their canonical spelling (`covid` -> `COVID`), so downstream
-    # code that names them finds them.
-    names = tuple(canonical.get(normalize_class_name(c), c.strip()) for c in classes if c.strip())
-    if not names:
-        raise PackError("--classes is empty; give class names separated by commas, e.g. COVID,Normal")
-    norm = [normalize_class_name(c) for c in names]
-    dup = [c for c, n in Counter(norm).items() if n > 1]
-    if dup:
-        raise PackError(f"--classes names a class twice (case, space and underscore are ignored): {dup}")
-    return names
-
-
-def _read_inputs(src: Path, opts: PackOptions) -> Inputs:
-    """List SRC's images and match the --groups CSV to them; warn about what will be missing."""
-    tree = open_tree(src, opts.classes)
-    where = tree.describe()
-    if tree.ignored:
-        shown = ", ".join(repr(n) for n in tree.ignored[:5])
-        _warn(f"ignored {len(tree.ignored)} member(s) of {src} with unsafe names (absolute or '..'): {shown}")
-    class_dirs, unknown = find_class_dirs(tree, opts.classes)
-    for name in unknown:
-        _warn(f"folder {name!r} in {where} matches no class {list(opts.classes)}; ignored")
-    for c in opts.classes:
-        if c not in class_dirs:
-            _warn(f"no folder for class {c!r} in {where}; it will have 0 images")
-    if len(class_dirs) < len(opts.classes):
-        found = ",".join(shlex.quote(c) for c in opts.classes if c in class_dirs)
-        _warn(
-            "a model trained on these shards still has an output for every class; to pack only the "
-            f"classes found, pass --classes {found}"
-        )
-    sources, skipped = list_sources(tree, class_dirs, opts.classes)
-    skipped += _unlisted_images(tree)
-    per_class = Counter(s.class_name for s in sources)
-    for c, d in class_dirs.items():
-        if per_class[c] == 0:
-            _warn(f"class {c!r} (folder {d}) has no {'/'.join(IMAGE_SUFFIXES)} images; it will have 0")
-    if not sources:
-        raise PackError(f"no images in {where}: its class folders hold no {'/'.join(IMAGE_SUFFIXES)} files")
-    table = None
-    if opts.groups is not None or opts.groups_from_sheets:
-        rels = [s.rel for s in sources]
-        if opts.groups is not None:
-            table = read_groups(opts.groups, rels)
-        else:
-            table = _read_sheets(tree, sources, opts.classes)
-        if table.unmatched_rows:
-            _warn(unmatched_warning(table))
-        missing = missing_images(table, rels)
-        if missing and (opts.ungrouped or "error") == "error":
-            raise missing_error(table, missing, len(rels))
-    masks = False
-    if opts.masks:
-        sources, masks = _attach_masks(tree, class_dirs, sources)
-    return Inputs(tree, sources, skipped, table, masks)
-
-
-def _read_sheets(tree: Tree, sources: list[Source], classes: Sequence[str]) -> GroupTable:
-    """--groups-from-sheets: the groups (source URLs) from each class's metadata sheet in SRC."""
-    rels_by_class: dict[str, list[str]] = defaultdict(list)
-    for s in sources:
-        rels_by_class[s.class_name].append(s.rel)
-    found = find_sheets(tree, classes, SHEET_SUFFIX)
-    lacking = [c for c in classes if rels_by_class.get(c) and c not in found]
-    if lacking:
-        raise PackError(
-            f"--groups-from-sheets: no metadata sheet for class {lacking[0]!r} in {tree.describe()} "
-            f"(expected {lacking[0] + SHEET_SUFFIX!r} beside the class folders, as the database ships them)"
-        )
-    sheets = [(tree.describe(rel), c, read_file(tree, rel)) for c, rel in found.items()]
-    return read_sheets(sheets, rels_by_class, tree.describe())
-
-
-def _attach_masks(tree: Tree, class_dirs: dict[str, str], sources: list[Source]) -> tuple[list[Source], bool]:
-    """`sources` with their lung masks, and whether to store masks: all images have one. Warns when only
-    some have one; raises `PackError` for a mask without its image (see the module docstring)."""
-    with_masks, orphans = find_masks(tree, class_dirs, sources)
-    lacking = [s.rel for s in with_masks if not s.mask_rel]
-    if orphans:
-        shown = ", ".join(orphans[:5]) + (f", ... ({len(orphans) - 5} more)" if len(orphans) > 5 else "")
-        raise PackError(
-            f"{len(orphans)} lung mask(s) in {tree.describe()} have no image of the same name: {shown}; "
-            "remove them, restore their images, or pass --no-masks"
-        )
-    if len(lacking) == len(sources):
-        return sources, False
-    if lacking:
-        shown = ", ".join(lacking[:5]) + (f", ... ({len(lacking) - 5} more)" if len(lacking) > 5 else "")
-        _warn(
-            f"lung masks not stored: {len(lacking)} of {len(sources)} images in {tree.describe()} have no "
-            f"mask in their class's masks/ folder ({shown}), and masks are stored only when every image "
-            "has one; add the missing masks, or pass --no-masks to leave masks out without this warning"
-        )
-        return sources, False
-    return with_masks, True
-
-
-def _unlisted_images(tree: Tree) -> list[dict[str, str]]:
-    """Warn about the members a damaged zip's central directory omits; its images, as skipped records."""
-    if not tree.unlisted:
-        return []
-    more = f" (and {len(tree.unlisted) - 5} more)" if len(tree.unlisted) > 5 else ""
-    _warn(
-        f"{tree.src} stores {len(tree.unlisted)} member(s) that its central directory does not list (a "
-        f"damaged zip: download it again); they cannot be read: {', '.join(tree.unlisted[:5])}{more}"
-    )
-    reason = "not listed in the zip's central directory (a damaged zip)"
-    return [
-        {"path": name.removeprefix(tree.root), "reason": reason}
-        for name in tree.unlisted
-        if name.lower().endswith(IMAGE_SUFFIXES)
-    ]
-
-
-def _check_overlap(src: Path, out: Path, src_is_zip: bool) -> None:
-    src_abs, out_abs = src.resolve(), out.resolve()
-    if src_abs.is_relative_to(out_abs):
-        # --force would delete SRC (a zip or folder inside OUT) along with OUT.
-        raise PackError(f"SRC {src} is inside OUT {out}; write the shards somewhere else")
-    if not src_is_zip and out_abs.is_relative_to(src_abs):
-        # The next pack of SRC would see OUT as a class folder (or an unknown folder).
-        raise PackError(f"OUT {out} is inside SRC {src}; write the shards somewhere else")
-
-
-def _not_shards(out: Path) -> list[str]:
-    """What in an existing OUT pack did not write: anything but a cxrdist manifest and shard files."""
-    manifest = out / MANIFEST_NAME
-    if not _is_shard_manifest(manifest):
-        if manifest.exists():
-            return [f"{manifest} (not a shard manifest)"]
-        # Name what the user would miss first: files that are not even named like shards.
-        entries = sorted(out.iterdir(), key=lambda p: (bool(SHARD_FILE.match(p.name)), p.name))
-        return [f"{entries[0]} (no {MANIFEST_NAME} beside it)"] + [str(p) for p in entries[1:]]
-    return [
-        str(p) + ("/" if p.is_dir() else "")
-        for p in sorted(out.iterdir())
-        if p.name != MANIFEST_NAME and not (SHARD_FILE.match(p.name) and (p.is_symlink() or p.is_file()))
-    ]
-
-
-def _is_shard_manifest(path: Path) -> bool:
-    """A JSON object with a whole-number `format_version` and `splits`: what pack writes, of any version."""
-    try:
-        if not path.is_file() or path.stat().st_size > 256 * 2**20:
-            return False
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("format_version"), int) and "splits" in data
-
-
-# ----------------------------------------------------------------------------------------------- decode
-
-
-def _decode(job: tuple[str, str, str, int, str, str]) -> tuple[str, Any]:
-    """Worker: ("ok", (png, pixel_sha256, orig_size, shape, mask_png)) or ("skip", reason) or
-    ("bad mask", message).
-
-    `job` is (archive, name, rel, size, mask_name, mask_rel): a zip member is read by name from the archive
-    (opened once per worker), a file by its path; mask_name "" means no mask (mask_png is then b"")."""
-    archive, name, rel, size, mask_name, mask_rel = job
-    try:
-        gray = images.decode_gray(read_image_bytes(archive, name) if archive else name, name=rel)
-    except OSError as e:  # a zip member that cannot be read
-        return "skip", str(e)
-    except images.ImageError as e:
-        return "skip", e.reason
-    orig_size = (int(gray.shape[1]), int(gray.shape[0]))
-    gray = images.resize_gray(gray, size)
-    mask_png = b""
-    if mask_name:
-        try:
-            mask = images.decode_gray(
-                read_image_bytes(archive, mask_name) if archive else mask_name, name=mask_rel
-            )
-        except OSError as e:
-            return "skip", f"its lung mask {mask_rel}: {e}"
-        except images.ImageError as e:
-            return "skip", f"its lung mask {mask_rel}: {e.reason}"
-        (mh, mw), (h, w) = mask.shape, gray.shape
-        if abs((mw / mh) / (orig_size[0] / orig_size[1]) - 1) > MASK_ASPECT_TOLERANCE:
-            return "bad mask", (
-                f"lung mask {mask_rel} is {mw}x{mh}, but its image {rel} is {orig_size[0]}x{orig_size[1]}: "
-                "another shape, so not this image's mask; replace it, or pass --no-masks"
-            )
-        # NEAREST keeps the mask's edges where they are (no grey rim to threshold); binarised at 128.
-        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
-        mask_png = images.encode_png(np.where(mask >= 128, 255, 0).astype(np.uint8))
-    return "ok", (images.encode_png(gray), images.pixel_sha256(gray), orig_size, gray.shape, mask_png)
-
-
-# ------------------------------------------------------------------------------------------------ write
-
-
-def _sample_record(src: Source, packed: Packed, table: GroupTable | None = None) -> tuple[bytes, bytes]:
-    """The sample's `.cls` and `.json` members (see `shard_tools.schema`); `table`: the groups, if any."""
-    record = {
-        "class": src.class_name,
-        "orig_size": list(packed.orig_size),
-        "path": src.rel,
-        "pixel_sha256": packed.pixel_sha256,
-    }
-    group = None if table is None else table.groups.get(src.rel)
-    if group is not None:  # an image the groups do not name (--ungrouped own-group) records none
-        record["group"] = group
-        if table.sheets:
-            record["source"] = group  # a sheet's group is the source URL
-    meta = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return str(src.label).encode("ascii"), meta
-
-
-def _write_shard_job(job: tuple[str, str, list[tuple[str, bytes, bytes, int, int, int]]]) -> tuple[int, str]:
-    """Worker: write one shard from (key, cls, json, PNG offset, PNG length, mask PNG length) records and
-    the spill file (the mask's PNG, if any, right after the image's)."""
-    path, spill_path, samples = job
-    members = []
-    with open(spill_path, "rb") as spill:
-        for key, cls, meta, offset, length, mask_length in samples:
-            spill.seek(offset)
-            png = spill.read(length)
-            mask = [(f"{key}.{MASK_EXT}", spill.read(mask_length))] if mask_length else []
-            members += [(f"{key}.cls", cls), (f"{key}.json", meta), *mask, (f"{key}.png", png)]
-    return write_shard(Path(path), members)
 
 
 # ------------------------------------------------------------------------------------------------- pack
@@ -501,7 +215,7 @@ def pack(
         shard_size=shard_size,
         max_shard_bytes=max_shard_bytes,
         min_shards=min_shards,
-        classes=_parse_classes(classes),
+        classes=parse_classes(classes),
         max_skipped=max_skipped,
         duplicates=duplicates,
         groups=None if groups is None else Path(groups),
@@ -513,11 +227,11 @@ def pack(
     if workers is not None and workers < 1:
         raise PackError(f"--workers must be >= 1, got {workers}")
     try:
-        inputs = _read_inputs(src, opts)
-        _check_overlap(src, out, inputs.tree.is_zip)
+        inputs = read_inputs(src, opts)
+        check_overlap(src, out, inputs.tree.is_zip)
         if command is None:
             command = _equivalent_command(src, out, opts, explicit_classes=classes is not None, force=force)
-        with staged_out(out, force=force, foreign=_not_shards, owned_what="shards and their manifest") as tmp:
+        with staged_out(out, force=force, foreign=not_shards, owned_what="shards and their manifest") as tmp:
             manifest = _pack_into(tmp, inputs, opts, workers, progress)
             manifest["command"] = list(command)
             text = json.dumps(manifest, sort_keys=True, indent=2) + "\n"
@@ -538,7 +252,7 @@ def _pack_into(
     spill = tmp / ".spill"
     workers = min(workers or os.cpu_count() or 1, len(sources))
     with process_pool(workers) as pool, _progress(progress) as bar:
-        kept, packed, failed = _decode_to_spill(sources, opts.size, spill, pool, bar)
+        kept, packed, failed = decode_to_spill(sources, opts.size, spill, pool, bar)
         skipped = sorted(inputs.skipped + failed, key=lambda d: d["path"])
         _check_skipped(skipped, n_files, opts.max_skipped)
         if not kept:
@@ -546,7 +260,7 @@ def _pack_into(
         image_size = _common_size(kept, packed, opts.size)
         labels, rels = [s.label for s in kept], [s.rel for s in kept]
         plan = plan_splits(labels, rels, [p.pixel_sha256 for p in packed], opts, inputs.groups)
-        splits = _write_splits(tmp, kept, packed, plan.split_of, spill, opts, pool, bar, inputs.groups)
+        splits = write_splits(tmp, kept, packed, plan.split_of, spill, opts, pool, bar, inputs.groups)
     spill.unlink()
     _report_duplicates(plan.duplicates, opts.duplicates)
     manifest = {
@@ -569,95 +283,6 @@ def _pack_into(
         for si, split_name in enumerate(SPLITS):
             splits[split_name]["groups"] = plan.group_names[si]
     return manifest
-
-
-def _decode_to_spill(
-    sources: list[Source], size: int, spill: Path, pool: WorkerPool | None, bar: Progress
-) -> tuple[list[Source], list[Packed], list[dict[str, str]]]:
-    """Decode every source, appending its PNG to `spill`; return the decoded sources, where their PNGs
-    are, and the failures as skipped records."""
-    jobs = [(s.archive, s.name, s.rel, size, s.mask_name, s.mask_rel) for s in sources]
-    kept: list[Source] = []
-    packed: list[Packed] = []
-    failed: list[dict[str, str]] = []
-    task = bar.add_task("decode", total=len(jobs))
-    with open(spill, "wb") as f:
-        for s, (status, result) in zip(sources, ordered_map(pool, _decode, jobs)):
-            bar.advance(task)
-            if status == "bad mask":
-                raise PackError(result)
-            if status == "skip":
-                failed.append({"path": s.rel, "reason": result})
-                continue
-            png, sha, orig_size, shape, mask_png = result
-            packed.append(Packed(f.tell(), len(png), sha, orig_size, tuple(shape), len(mask_png)))
-            f.write(png + mask_png)
-            kept.append(s)
-    return kept, packed, failed
-
-
-def _write_splits(
-    tmp: Path,
-    kept: list[Source],
-    packed: list[Packed],
-    split_of: dict[int, int],
-    spill: Path,
-    opts: PackOptions,
-    pool: WorkerPool | None,
-    bar: Progress,
-    table: GroupTable | None = None,
-) -> dict[str, Any]:
-    """Write every split's shards into `tmp`; return the manifest's `splits`. `table`: the groups, recorded
-    in each sample's `.json`."""
-    jobs, entries = [], []
-    splits: dict[str, Any] = {}
-    for si, split_name in enumerate(SPLITS):
-        idx = sorted((i for i, s in split_of.items() if s == si), key=lambda i: kept[i].key)
-        # Shuffled across classes so every shard mixes them; a fixed stream per split.
-        idx = [idx[j] for j in np.random.default_rng([opts.seed, si, 7]).permutation(len(idx))]
-        records = [
-            (
-                kept[i].key,
-                *_sample_record(kept[i], packed[i], table),
-                packed[i].offset,
-                packed[i].length,
-                packed[i].mask_length,
-            )
-            for i in idx
-        ]
-        sizes = [sample_tar_bytes(cls, meta, n, n_mask) for _, cls, meta, _, n, n_mask in records]
-        _check_sample_sizes(idx, sizes, kept, opts.max_shard_bytes)
-        min_shards = opts.min_shards if split_name == "train" else 1
-        counts = shard_counts(sizes, opts.shard_size, opts.max_shard_bytes, min_shards)
-        if not idx and opts.split[si] > 0:
-            _warn(f"{split_name} is empty: too few images per class for a {opts.split[si]:g} share")
-        elif not idx and split_name != "train":
-            _warn(
-                f"{split_name} is empty (--split gives it 0): training needs val images to choose the best "
-                "epoch and test images to report on, and refuses these shards"
-            )
-        elif idx and len(counts) < min_shards:
-            _warn(
-                f"{split_name} has only {len(idx)} images, so {len(counts)} shards, fewer than "
-                f"--min-shards {min_shards}: fewer ranks x loader workers can read it in parallel"
-            )
-        class_counts = Counter(kept[i].class_name for i in idx)
-        splits[split_name] = {
-            "count": len(idx),
-            "class_counts": {c: class_counts.get(c, 0) for c in opts.classes},
-            "shards": [],
-        }
-        start = 0
-        for k, n in enumerate(counts):
-            name = shard_name(split_name, k)
-            jobs.append((str(tmp / name), str(spill), records[start : start + n]))
-            entries.append((splits[split_name]["shards"], name, n))
-            start += n
-    task = bar.add_task("write", total=len(split_of))
-    for (shards, name, n), (nbytes, sha) in zip(entries, ordered_map(pool, _write_shard_job, jobs)):
-        shards.append({"file": name, "count": n, "bytes": nbytes, "sha256": sha})
-        bar.advance(task, n)
-    return splits
 
 
 def _equivalent_command(
@@ -729,15 +354,6 @@ def _common_size(kept: list[Source], packed: list[Packed], size: int) -> int:
             f"--size 0 keeps original sizes, which must be one square size, but {seen}; pass --size"
         )
     return next(iter(shapes))[0]
-
-
-def _check_sample_sizes(idx: list[int], sizes: list[int], kept: list[Source], max_shard_bytes: int) -> None:
-    for i, n in zip(idx, sizes):
-        if tar_bytes([n]) > max_shard_bytes:
-            raise PackError(
-                f"{kept[i].rel} alone takes {n} bytes in a shard, more than the cap of {max_shard_bytes}; "
-                "raise --max-shard-mb or lower --size"
-            )
 
 
 def _report_duplicates(records: list[dict[str, Any]], mode: str) -> None:

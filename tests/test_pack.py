@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from shard_tools import images
-from shard_tools import pack as pack_mod
+from shard_tools import write as shard_writer
 from shard_tools.cli import run_main
 from shard_tools.errors import InputError
 from shard_tools.pack import PackError, TooManySkipped, main, pack, shard_counts
@@ -411,8 +411,8 @@ def test_force_replaces_only_a_folder_of_shards_and_an_interrupted_run_leaves_no
             raise KeyboardInterrupt  # Ctrl-C in the middle of writing shards
         return real_write(path, members)
 
-    real_write = pack_mod.write_shard
-    monkeypatch.setattr(pack_mod, "write_shard", interrupted)
+    real_write = shard_writer.write_shard
+    monkeypatch.setattr(shard_writer, "write_shard", interrupted)  # where pack's write stage calls it
     with pytest.raises(KeyboardInterrupt):
         pack(src, tmp_path / "dest" / "new", size=32, min_shards=4, workers=1, progress=False)
     assert _leftovers(tmp_path / "dest", "new") == []

@@ -62,17 +62,18 @@ def test_group_sigterm_during_pack_exits_143_and_cleans_up(src: Path, tmp_path: 
 
 KILL_ONE_WORKER = """
 import os, signal, sys
+import shard_tools.decode as decode_stage
 import shard_tools.pack as pack
 from shard_tools.cli import run_main
 
-decode = pack._decode
+decode = decode_stage.decode_image
 
 def dies_on_one_file(job):
     if job[2].endswith("COVID-7.png"):
         os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
     return decode(job)
 
-pack._decode = dies_on_one_file
+decode_stage.decode_image = dies_on_one_file  # where pack's decode stage looks it up
 sys.exit(run_main(pack.main, sys.argv[1:]))
 """
 
