@@ -18,6 +18,7 @@ from conftest import REPO
 
 from shard_tools.cli import run_main
 from shard_tools.errors import EXIT_FAILED, EXIT_SIGTERM, EXIT_USAGE, InputError
+from shard_tools.locks import lock_path_beside
 from shard_tools.pack import main, pack
 from shard_tools.schema import CLASSES, MANIFEST_NAME
 
@@ -277,11 +278,14 @@ def test_stale_staging_of_a_killed_pack_is_removed_by_the_next_one(synth_src: Pa
     staging = _wait_for_staging(out, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: the staging folder stays
     proc.communicate(timeout=60)
-    assert staging.is_dir() and _beside(out) == [staging.name]
+    # The killed pack's lock file stays too (no handler ran); it holds no lock once its process is gone,
+    # and the next pack through the command line takes it again and removes it at the end.
+    lock = lock_path_beside(out).name
+    assert staging.is_dir() and _beside(out) == sorted([lock, staging.name])
     # Another pack of another OUT in the same folder leaves it alone; the next pack of OUT removes it.
     pack(src, tmp_path / "other", size=32, min_shards=1, progress=False)
     assert staging.is_dir()
-    pack(src, out, size=32, min_shards=1, progress=False)
+    assert run_main(main, [str(src), str(out), "--size", "32", "--min-shards", "1", "--no-progress"]) == 0
     assert not staging.exists() and _beside(out) == ["out"]
     assert (out / MANIFEST_NAME).is_file()
 
