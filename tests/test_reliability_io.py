@@ -99,7 +99,7 @@ def random_model_dir(out: Path, classes: list[str], image_size: int) -> Path:
 @pytest.fixture(scope="module")
 def remote_src(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("remote")
-    write_shards(out, {"train": [9, 6], "test": [7, 5, 4]}, image_size=32)
+    write_shards(out, {"train": [9, 6], "val": [4], "test": [7, 5, 4]}, image_size=32)
     return out
 
 
