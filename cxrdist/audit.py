@@ -370,9 +370,9 @@ def _png(img: Image.Image, path: Path) -> Path:
     return path
 
 
-def _panel(gray: np.ndarray, caption: str, side: int) -> Image.Image:
-    """A gray image scaled to `side` px under a caption band."""
-    img = Image.fromarray(gray).resize((side, side), Image.Resampling.NEAREST).convert("RGB")
+def _panel(pixels: np.ndarray, caption: str, side: int) -> Image.Image:
+    """A uint8 gray (H, W) or RGB (H, W, 3) image scaled to `side` px under a caption band."""
+    img = Image.fromarray(pixels).resize((side, side), Image.Resampling.NEAREST).convert("RGB")
     panel = Image.new("RGB", (side, side + 14), (0, 0, 0))
     panel.paste(img, (0, 14))
     ImageDraw.Draw(panel).text((2, 1), caption, fill=(255, 255, 255))
@@ -404,13 +404,8 @@ def draw_visible(image: torch.Tensor, support: np.ndarray, fraction: float, path
     rgb = np.repeat(gray[..., None], 3, axis=2)
     blind = ~support
     rgb[blind] = 0.45 * rgb[blind] + 0.55 * np.array([220.0, 40.0, 40.0])
-    side = max(256, gray.shape[0])
     caption = f"red: never reaches the logits; {fraction:.0%} of the image is seen"
-    img = Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).resize((side, side), Image.Resampling.NEAREST)
-    panel = Image.new("RGB", (side, side + 14), (0, 0, 0))
-    panel.paste(img, (0, 14))
-    ImageDraw.Draw(panel).text((2, 1), caption, fill=(255, 255, 255))
-    return _png(panel, path)
+    return _png(_panel(rgb.clip(0, 255).astype(np.uint8), caption, max(256, gray.shape[0])), path)
 
 
 def gradcam_share(summary_path: Path) -> dict | None:
@@ -469,11 +464,8 @@ def finish_audit(
     summary = setup.gradcam_summary
     report |= {
         "split": setup.split,
-        "visible_region": {
-            "fraction": visible["fraction"],
-            "note": visible["note"],
-            "image": paths["visible"].name,
-        },
+        "visible_region": {"fraction": visible["fraction"], "note": visible["note"]}
+        | {"image": paths["visible"].name},
         "examples_image": paths["examples"].name,
         "gradcam": gradcam_share(summary) if summary is not None else None,
         "per_source": per_source(variants["intact"], manifest, setup.split, manifest.classes, setup.options),
