@@ -58,7 +58,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -413,42 +413,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="database folder (SRC/<Class>/*.png or SRC/<Class>/images/*.png) or the download's .zip",
     )
     ap.add_argument("out", type=Path, help="output folder for the shards and manifest.json")
-    ap.add_argument(
-        "--size",
-        type=non_negative_int,
-        default=DEFAULTS.size,
-        help=f"image side in pixels (default {DEFAULTS.size}; 0 keeps the original)",
-    )
-    ap.add_argument(
-        "--split",
-        type=_parse_split,
-        default=DEFAULTS.split,
-        help=f"train,val,test (default {','.join(f'{f:g}' for f in DEFAULTS.split)})",
-    )
-    ap.add_argument(
-        "--seed",
-        type=non_negative_int,
-        default=DEFAULTS.seed,
-        help=f"split and shard-order seed (default {DEFAULTS.seed})",
-    )
-    ap.add_argument(
-        "--shard-size",
-        type=positive_int,
-        default=DEFAULTS.shard_size,
-        help=f"max samples per shard (default {DEFAULTS.shard_size})",
-    )
-    ap.add_argument(
-        "--max-shard-mb",
-        type=_positive_mb,
-        default=DEFAULTS.max_shard_bytes / 2**20,
-        help=f"max MiB per shard (default {DEFAULTS.max_shard_bytes / 2**20:g})",
-    )
-    ap.add_argument(
-        "--min-shards",
-        type=positive_int,
-        default=DEFAULTS.min_shards,
-        help=f"min train shards, >= ranks x workers (default {DEFAULTS.min_shards})",
-    )
+
+    # Numeric options take their defaults from DEFAULTS, and say them in their help, in one place.
+    def tuned(flag: str, parse: Callable[[str], Any], default: Any, what: str, shown: Any = None) -> None:
+        shown = default if shown is None else shown
+        ap.add_argument(flag, type=parse, default=default, help=f"{what} (default {shown})")
+
+    tuned("--size", non_negative_int, DEFAULTS.size, "image side in pixels; 0 keeps the original")
+    split_text = ",".join(f"{f:g}" for f in DEFAULTS.split)
+    tuned("--split", _parse_split, DEFAULTS.split, "train,val,test fractions", split_text)
+    tuned("--seed", non_negative_int, DEFAULTS.seed, "split and shard-order seed")
+    tuned("--shard-size", positive_int, DEFAULTS.shard_size, "max samples per shard")
+    shard_mb = DEFAULTS.max_shard_bytes / 2**20
+    tuned("--max-shard-mb", _positive_mb, shard_mb, "max MiB per shard", f"{shard_mb:g}")
+    tuned("--min-shards", positive_int, DEFAULTS.min_shards, "min train shards, >= ranks x workers")
     ap.add_argument(
         "--workers", type=positive_int, default=None, help="decode processes (default: all cores)"
     )
@@ -457,12 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated class names in label order (default: the database's four)",
     )
-    ap.add_argument(
-        "--max-skipped",
-        type=float,
-        default=DEFAULTS.max_skipped,
-        help=f"fail if a larger share of files is unreadable (default {DEFAULTS.max_skipped})",
-    )
+    tuned("--max-skipped", float, DEFAULTS.max_skipped, "fail if a larger share of files is unreadable")
     ap.add_argument(
         "--duplicates",
         choices=("group", "drop"),
