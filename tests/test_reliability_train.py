@@ -141,15 +141,50 @@ def straight(cnn_shards: Path, tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------- ranks and signals
 
+# Runs cxrdist.train (as `accelerate launch SCRIPT PAUSE MODE RECIPE ...`), pausing after micro-step
+# PAUSE_STEP of epoch 2: the paused rank writes PAUSE.rank<N>, then waits. MODE "kill": rank 1 waits until it
+# is killed (rank 0 trains on into the next gradient all-reduce). MODE "signal": every rank waits until its
+# own stop flag is set. The fault then lands mid-epoch for certain; a fixed sleep after epoch 1's checkpoint
+# does not (an epoch of the seed CNN takes about 0.3 s on an idle machine, several on a loaded one).
+PAUSE_STEP = 4
+PAUSED_TRAINING = f"""
+import sys, time
+from pathlib import Path
+import cxrdist.train
+from cxrdist.train import main
+pause, mode, real_step = sys.argv[1], sys.argv[2], cxrdist.train.train_step
+def train_step(run, state, batch, epoch, i, watch):
+    loss = real_step(run, state, batch, epoch, i, watch)
+    rank = run.accelerator.process_index
+    if (epoch, i) == (2, {PAUSE_STEP}) and (mode == "signal" or rank == 1):
+        Path(f"{{pause}}.rank{{rank}}").touch()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (mode == "signal" and run.stop.signal_name):
+            time.sleep(0.01)
+    return loss
+cxrdist.train.train_step = train_step
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def paused_launch(tmp_path: Path, mode: str, *args: str) -> tuple[list[str], Path]:
+    """`launch_cmd(2, "cxrdist.train", *args)` through PAUSED_TRAINING, and the pause marker's prefix."""
+    script, pause = tmp_path / "paused_train.py", tmp_path / "pause"
+    script.write_text(PAUSED_TRAINING)
+    cmd = launch_cmd(2, "cxrdist.train", *args)
+    at = cmd.index("cxrdist.train")
+    cmd[at - 1 : at + 1] = [str(script), str(pause), mode]  # a script, not `-m module`
+    return cmd, pause
+
 
 def test_killed_rank_fails_the_job_fast_and_resume_reproduces_the_run(cnn_shards, straight, start, tmp_path):
     """SIGKILL one of two ranks mid-epoch: the survivor exits non-zero on its own, well within
     dist.timeout_s, saying what happened; --resume from the last checkpoint then ends bit-identical to
     a run that was never interrupted."""
     run_dir = tmp_path / "run"
-    job = start(launch_cmd(2, "cxrdist.train", RECIPE, *sets(run_dir, cnn_shards, batch=4)))
-    job.wait_for(run_dir / "checkpoints" / "epoch-0001")
-    time.sleep(0.3)  # into epoch 2
+    cmd, pause = paused_launch(tmp_path, "kill", RECIPE, *sets(run_dir, cnn_shards, batch=4))
+    job = start(cmd)
+    job.wait_for(Path(f"{pause}.rank1"))  # rank 1 is mid-epoch 2, waiting
     ranks = job.ranks()
     assert sorted(ranks) == [0, 1]
     survivor = ranks[0].pid
@@ -177,9 +212,10 @@ def test_sigterm_saves_on_every_rank_and_resume_reproduces_the_run(cnn_shards, s
     step, one checkpoint is saved, the ranks exit 143; --resume ends bit-identical to the straight run.
     torchrun signals each rank's process group, so this also proves the loader workers survive it."""
     run_dir = tmp_path / "run"
-    job = start(launch_cmd(2, "cxrdist.train", RECIPE, *sets(run_dir, cnn_shards, batch=4)))
-    job.wait_for(run_dir / "checkpoints" / "epoch-0001")
-    time.sleep(0.3)
+    cmd, pause = paused_launch(tmp_path, "signal", RECIPE, *sets(run_dir, cnn_shards, batch=4))
+    job = start(cmd)
+    for rank in (0, 1):  # both mid-epoch 2, waiting for the signal
+        job.wait_for(Path(f"{pause}.rank{rank}"))
     ranks = job.ranks()
     assert sorted(ranks) == [0, 1]
     job.proc.send_signal(signal.SIGTERM)
@@ -191,8 +227,8 @@ def test_sigterm_saves_on_every_rank_and_resume_reproduces_the_run(cnn_shards, s
     assert "DataLoader worker" not in err, err[-3000:]
     assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err, err[-3000:]
     state = json.loads((run_dir / "checkpoints" / saved / "train_state.json").read_text())
-    # Usually mid-epoch ("epoch-0001-plus-0000NN"); a signal during evaluation saves epoch-0002 instead.
-    assert (state["epochs_done"], state["step_in_epoch"] > 0) in ((1, True), (2, False)), state
+    # Mid-epoch ("epoch-0001-plus-0000NN"), at the first stop check after the pause.
+    assert state["epochs_done"] == 1 and state["step_in_epoch"] > PAUSE_STEP, state
 
     res = accelerate_launch(2, "cxrdist.train", RECIPE, *sets(run_dir, cnn_shards, batch=4), "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
