@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from shard_tools.errors import EXIT_SIGINT, EXIT_SIGTERM, CxrdistError
 
@@ -120,6 +120,32 @@ def is_main_launch_process() -> bool:
 def rank_prefix() -> str:
     """`[rank N] ` under a launcher, so that interleaved messages of several ranks say whose they are."""
     return f"[rank {os.environ.get('RANK', '0')}] " if "WORLD_SIZE" in os.environ else ""
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code` once the command's `main` has returned (its ``__main__`` block): as
+    `sys.exit` does, non-daemon threads are joined, atexit handlers run and output is flushed, but the
+    interpreter's teardown is skipped and the OS frees what it would have.
+
+    Why: a gloo worker thread may still hold the last reference to the job's last collective when `main`
+    returns (a rank that does not write the outputs leaves milliseconds after the final gather), and
+    dropping it releases Python tensors, which needs the GIL. Once teardown has begun, Python < 3.14 ends
+    a thread that asks for the GIL with pthread_exit, whose unwinding through gloo's noexcept destructor
+    calls std::terminate: 'terminate called without an active exception', the rank dies of SIGABRT (-6)
+    after its work succeeded, and the launcher fails the job. Skipping teardown also skips the exit-time
+    GC walk over everything torch, torchvision and timm created at import (about 1 s on 2 cores).
+    """
+    import atexit
+    import sys
+
+    threading._shutdown()  # what teardown does first: join non-daemon threads (and run their exit hooks)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to say there
+            pass
+    os._exit(code)
 
 
 # ------------------------------------------------------------------------------ gathers (evaluation)

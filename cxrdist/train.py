@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +53,7 @@ from cxrdist.distributed import (  # noqa: E402
     StopFlag,
     all_ranks_ok,
     any_rank,
+    exit_process,
 )
 from cxrdist.lungs import focus  # noqa: E402
 from cxrdist.models import check_input_size, create_model, input_channels  # noqa: E402
@@ -583,8 +582,5 @@ def run_recipe(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Interpreter shutdown garbage-collects every object torch, torchvision and timm created at import:
-    # about 1 s on 2 cores, for nothing. Frozen objects are skipped by that walk (the OS frees them).
-    gc.freeze()
-    sys.exit(code)
+    # Not sys.exit: the interpreter's teardown can kill a gloo thread mid-release (SIGABRT), see exit_process.
+    exit_process(main())

@@ -151,6 +151,7 @@ PAUSED_TRAINING = f"""
 import sys, time
 from pathlib import Path
 import cxrdist.train
+from cxrdist.distributed import exit_process
 from cxrdist.train import main
 pause, mode, real_step = sys.argv[1], sys.argv[2], cxrdist.train.train_step
 def train_step(run, state, batch, epoch, i, watch):
@@ -163,7 +164,7 @@ def train_step(run, state, batch, epoch, i, watch):
             time.sleep(0.01)
     return loss
 cxrdist.train.train_step = train_step
-sys.exit(main(sys.argv[3:]))
+exit_process(main(sys.argv[3:]))  # as `python -m cxrdist.train` ends
 """
 
 
