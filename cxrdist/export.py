@@ -45,6 +45,7 @@ from torch import Tensor, nn
 import cxrdist
 from cxrdist.artifacts import ModelMeta, find_model_dir, load_trained_model
 from cxrdist.augment import normalize_stats
+from cxrdist.cli import refuse_existing
 from cxrdist.lungs import focus_values
 from cxrdist.onnx_model import FORMAT, INPUT_DTYPES, INPUT_NAME, ONNX_SUFFIX, OUTPUT_NAME, load_onnx
 from shard_tools.cli import run_main
@@ -175,8 +176,7 @@ def _check_out(out: Path, force: bool) -> None:
         )
     if out.is_dir():
         raise InputError(f"--out {out} is a directory; name a file, e.g. {out / 'model.onnx'}")
-    if out.exists() and not force:
-        raise InputError(f"--out {out} exists; pass --force to replace it, or choose another name")
+    refuse_existing([out], force)
 
 
 def export_onnx(
