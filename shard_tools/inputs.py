@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from shard_tools.cli import print_problem
 from shard_tools.errors import PackError
+from shard_tools.files import read_input_file
 from shard_tools.groups import (
     SHEET_SUFFIX,
     GroupTable,
@@ -203,9 +204,7 @@ def not_shards(out: Path) -> list[str]:
 def _is_shard_manifest(path: Path) -> bool:
     """A JSON object with a whole-number `format_version` and `splits`: what pack writes, of any version."""
     try:
-        if not path.is_file() or path.stat().st_size > 256 * 2**20:
-            return False
-        data = json.loads(path.read_bytes())
+        data = json.loads(read_input_file(path))  # a regular file within the input limit, else OSError
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and isinstance(data.get("format_version"), int) and "splits" in data
