@@ -64,7 +64,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -75,7 +74,7 @@ from rich.progress import (
 )
 
 from shard_tools import __version__
-from shard_tools.cli import non_negative_int, positive_int, run_main
+from shard_tools.cli import non_negative_int, positive_int, print_problem, run_main
 from shard_tools.decode import Packed, decode_to_spill
 from shard_tools.errors import CxrdistError
 from shard_tools.errors import PackError as PackError  # re-exported: tests and callers catch pack.PackError
@@ -319,7 +318,7 @@ def _progress(enabled: bool) -> Progress:
 
 
 def _warn(msg: str) -> None:
-    _err.print(f"[yellow]warning:[/yellow] {escape(msg)}", soft_wrap=True)
+    print_problem(msg, "warning", "yellow", console=_err)
 
 
 def _check_skipped(skipped: list[dict[str, str]], n_candidates: int, max_skipped: float) -> None:

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from shard_tools.cli import positive_int, run_main
+from shard_tools.cli import positive_int, print_problem, run_main
 from shard_tools.errors import InputError
 from shard_tools.images import pixel_sha256
 from shard_tools.pool import ordered_map, process_pool
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = verify(args.out, workers=args.workers)
     if problems:
         for p in problems:
-            err.print(f"[red]problem:[/red] {escape(p)}", soft_wrap=True)
+            print_problem(p, "problem", console=err)
         err.print(f"[bold red]{escape(str(args.out))}: {len(problems)} problem(s)[/bold red]")
         return 1
     manifest = read_manifest(args.out)
